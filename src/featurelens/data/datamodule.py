@@ -1,0 +1,217 @@
+"""One LightningDataModule for every dataset: embedded (shapes, digits), torchvision, or an image folder.
+
+Images reach the model at ``input_size`` (resized bilinearly and symmetrically from the native size, so a
+mirror of the input stays a mirror), normalised per channel. Training augmentation is a random crop with
+symmetric zero padding followed by a horizontal flip (``flip_aug``), applied at the native size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from featurelens.errors import ConfigError
+
+DATASETS = ("shapes", "digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "imagefolder")
+_TORCHVISION = {  # name -> (class name, mean, std)
+    "cifar10": ("CIFAR10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ("CIFAR100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "mnist": ("MNIST", (0.1307,), (0.3081,)),
+    "fashion_mnist": ("FashionMNIST", (0.2860,), (0.3530,)),
+    "imagefolder": ("ImageFolder", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def _augment(x: torch.Tensor, padding: int, flip: bool) -> torch.Tensor:
+    """Random crop with symmetric zero padding, then a random horizontal flip, on one (C,H,W) image."""
+    if padding:
+        h, w = x.shape[-2:]
+        i, j = torch.randint(0, 2 * padding + 1, (2,)).tolist()
+        x = F.pad(x, (padding,) * 4)[..., i : i + h, j : j + w]
+    if flip and torch.rand(()) < 0.5:
+        x = x.flip(-1)
+    return x
+
+
+class TensorImageDataset(Dataset):
+    """In-memory normalised images (N,C,H,W) with optional per-item augmentation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable | None = None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i]
+        return (self.transform(x) if self.transform else x), int(self.labels[i])
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _split_indices(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Data for featurelens runs; see ``conf/data/*.yaml`` for each dataset's parameters.
+
+    ``input_size`` is the width the model sees (filled in by ``train`` from the model config); ``None``
+    keeps the native ``image_size``.
+    """
+
+    def __init__(self, name: str, root: str = "data", image_size: int = 32, channels: int = 3,
+                 num_classes: int = 10, batch_size: int = 128, num_workers: int = 0, flip_aug: bool = True,
+                 crop_padding: int = 4, seed: int = 0, n_train: int = 5000, n_val: int = 1000,
+                 n_test: int = 1000, val_size: int = 5000, download: bool = True,
+                 input_size: int | None = None):
+        super().__init__()
+        if name not in DATASETS:
+            raise ConfigError(f"data.name={name!r} is unknown; valid: {list(DATASETS)}")
+        self.name, self.root = name, Path(root).expanduser()
+        self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.input_size = input_size or image_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.flip_aug, self.crop_padding, self.seed = flip_aug, crop_padding, seed
+        self.n_train, self.n_val, self.n_test, self.val_size = n_train, n_val, n_test, val_size
+        self.download = download
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # ----------------------------------------------------------------- loading
+    def prepare_data(self) -> None:
+        if self.name == "shapes":
+            from featurelens.data.shapes import load_or_make_shapes
+
+            for split, n in (("train", self.n_train), ("val", self.n_val), ("test", self.n_test)):
+                load_or_make_shapes(self.root, split, n, self.image_size, self.seed)
+        elif self.name in _TORCHVISION and self.name != "imagefolder":
+            for train in (True, False):
+                self._torchvision(train, transform=None)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        if self.name in ("shapes", "digits"):
+            self._setup_tensors()
+        else:
+            self._setup_torchvision()
+
+    def _setup_tensors(self) -> None:
+        if self.name == "shapes":
+            from featurelens.data.shapes import load_or_make_shapes
+
+            arrays = {s: load_or_make_shapes(self.root, s, n, self.image_size, self.seed)
+                      for s, n in (("train", self.n_train), ("val", self.n_val), ("test", self.n_test))}
+            tensors = {s: (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255, torch.from_numpy(y))
+                       for s, (x, y) in arrays.items()}
+        else:
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            x = torch.from_numpy(digits.images).float().unsqueeze(1) / 16
+            y = torch.from_numpy(digits.target).long()
+            perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(len(y)))
+            n_eval = len(y) // 6
+            parts = {"val": perm[:n_eval], "test": perm[n_eval : 2 * n_eval], "train": perm[2 * n_eval :]}
+            tensors = {s: (_resize(x[idx], self.image_size), y[idx]) for s, idx in parts.items()}
+        if tensors["train"][0].shape[1] != self.channels:
+            raise ConfigError(f"data.channels={self.channels} but {self.name} images have "
+                              f"{tensors['train'][0].shape[1]} channels")
+        x_train = tensors["train"][0]
+        self.mean = x_train.mean(dim=(0, 2, 3)).tolist()
+        self.std = x_train.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+        mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
+
+        def prep(x: torch.Tensor) -> torch.Tensor:
+            return (_resize(x, self.input_size) - mean) / std
+
+        def aug(x: torch.Tensor) -> torch.Tensor:
+            return _augment(x, self.crop_padding, self.flip_aug)
+
+        self.train_set = TensorImageDataset(prep(x_train), tensors["train"][1], aug)
+        self.val_set = TensorImageDataset(prep(tensors["val"][0]), tensors["val"][1])
+        self.test_set = TensorImageDataset(prep(tensors["test"][0]), tensors["test"][1])
+
+    def _transform(self, train: bool) -> Callable:
+        from torchvision.transforms import v2
+
+        _, self.mean, self.std = _TORCHVISION[self.name]
+        steps: list = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        if self.name == "imagefolder":
+            steps += [v2.Resize(self.image_size, antialias=True), v2.CenterCrop(self.image_size)]
+        if train:
+            steps.append(lambda x: _augment(x, self.crop_padding, self.flip_aug))
+        if self.input_size != self.image_size:
+            steps.append(v2.Resize((self.input_size, self.input_size), antialias=True))
+        steps.append(v2.Normalize(self.mean, self.std))
+        return v2.Compose(steps)
+
+    def _torchvision(self, train: bool, transform: Callable | None) -> Dataset:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, _TORCHVISION[self.name][0])
+        try:
+            return cls(str(self.root / self.name), train=train, transform=transform, download=self.download)
+        except RuntimeError as e:  # "Dataset not found or corrupted. You can use download=True ..."
+            raise ConfigError(f"data={self.name}: no dataset under {self.root / self.name} ({e}); "
+                              "set data.download=true (needs internet) or data.root to where it lies") from None
+        except OSError as e:  # no network
+            raise ConfigError(f"data={self.name}: download to {self.root / self.name} failed ({e}); "
+                              "without internet use data=shapes or data=digits") from None
+
+    def _setup_torchvision(self) -> None:
+        if self.name == "imagefolder":
+            from torchvision.datasets import ImageFolder
+
+            def folder(split: str, train: bool) -> Dataset:
+                return ImageFolder(str(self.root / split), transform=self._transform(train))
+
+            missing = [s for s in ("train", "val") if not (self.root / s).is_dir()]
+            if missing:
+                raise ConfigError(f"data.root={str(self.root)!r} has no {missing} folder(s); an imagefolder "
+                                  "root needs train/ and val/ (test/ optional) with one folder per class")
+            self.train_set, self.val_set = folder("train", True), folder("val", False)
+            self.test_set = folder("test", False) if (self.root / "test").is_dir() else self.val_set
+            return
+        full_train = self._torchvision(True, self._transform(True))
+        full_eval = self._torchvision(True, self._transform(False))
+        if not 0 < self.val_size < len(full_train):
+            raise ConfigError(f"data.val_size={self.val_size} must be in (0, {len(full_train)})")
+        train_idx, val_idx = _split_indices(len(full_train), self.val_size, self.seed)
+        self.train_set, self.val_set = Subset(full_train, train_idx), Subset(full_eval, val_idx)
+        self.test_set = self._torchvision(False, self._transform(False))
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def probe_set(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed, seeded subset of ``n`` validation images (no augmentation) and their labels."""
+        self.setup("fit")
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.val_set), generator=gen)[: min(n, len(self.val_set))].sort().values
+        items = [self.val_set[int(i)] for i in idx]
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])

@@ -1,0 +1,95 @@
+"""Test setup: never touch the network, never ask W&B for a login, compose the real Hydra config."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+os.environ["WANDB_MODE"] = "disabled"
+os.environ["WANDB_SILENT"] = "true"
+os.environ["HYDRA_FULL_ERROR"] = "1"
+os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="torch_home_"))
+os.environ.setdefault("FEATURELENS_DATA", tempfile.mkdtemp(prefix="featurelens_data_"))
+
+import pytest  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+# A configuration small enough for a CPU test: 2 tiny epochs of a tiny CNN on 16-px shapes.
+TINY = [
+    "model=small_cnn", "model.channels=[4,8]", "data=shapes", "data.image_size=16", "data.n_train=128",
+    "data.n_val=64", "data.n_test=64", "data.batch_size=32", "trainer=cpu", "trainer.max_epochs=2",
+    "logger=none", "analysis.chirality.fmap.n_probe=16", "callbacks.progress_bar.refresh_rate=0",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """Any connection outside loopback fails at once (an accidental download or W&B call)."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or "/" in host):
+            raise RuntimeError(f"tests must not touch the network (tried {address})")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def make_cfg(tmp_path: Path, overrides: list[str], config_name: str = "config") -> DictConfig:
+    """Compose the real config with ``overrides`` and point every output at ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.job.num = 0
+        cfg.hydra.job.override_dirname = ""
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    def factory(*extra: str, name: str = "run", config_name: str = "config", base=TINY) -> DictConfig:
+        out = tmp_path / name
+        out.mkdir(parents=True, exist_ok=True)
+        return make_cfg(out, [*(base if config_name == "config" else []), *extra], config_name)
+
+    yield factory
+    GlobalHydra.instance().clear()
+
+
+class CrashAt(pl.Callback):
+    """Kills a run at ``batch`` of ``epoch`` (0-based), as a dying machine would."""
+
+    def __init__(self, epoch: int, batch: int = 1):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            raise SystemExit("simulated crash")
+
+
+class PoisonAt(pl.Callback):
+    """Sets one weight to NaN at the start of ``epoch`` (0-based), as a diverging run would."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = float("nan")
