@@ -1,0 +1,88 @@
+"""Analyse a finished model without training: ``python analyze.py ckpt_path=PATH`` (see conf/analyze.yaml).
+
+The model comes from a featurelens checkpoint (its stored model and data configs), or from a model config
+with torchvision weights or a local weights file. Each analysis writes the same results file, figures and
+W&B run as during training, under ``<run_dir>/analysis/<name>/``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from featurelens.callbacks import AnalysisCallback, AnalysisContext
+from featurelens.errors import ConfigError
+from featurelens.module import Classifier
+from featurelens.results import write_json
+from featurelens.runtime import build_loggers, instantiate_all, run_task, validate_config
+from featurelens.train import CONF_DIR, build_net
+
+log = logging.getLogger("featurelens")
+
+
+def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any], int, int]:
+    """The net, the data config to probe it with, and the completed epochs and steps it was trained for."""
+    if cfg.get("ckpt_path"):
+        ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
+        if "hyper_parameters" not in ckpt or "model_cfg" not in ckpt["hyper_parameters"]:
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a featurelens checkpoint (no model_cfg); "
+                              "for a plain state dict use model=<arch> model.weights=<file>")
+        hp = ckpt["hyper_parameters"]
+        module = Classifier(hp["model_cfg"], hp["optimizer"], hp.get("scheduler"), hp.get("data_info"))
+        module.load_state_dict(ckpt["state_dict"])
+        data_cfg = dict(hp.get("data_info") or {})
+        if cfg.get("data"):
+            data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "input_size": data_cfg.get("input_size")}
+        return module.net, data_cfg, int(ckpt.get("epoch", -1)) + 1, int(ckpt.get("global_step", 0))
+    if not cfg.get("model"):
+        raise ConfigError("ckpt_path=null and no model given: pass ckpt_path=<file.ckpt>, or model=<arch> "
+                          "with model.weights=<torchvision weight name or local file>")
+    if not cfg.get("data"):
+        raise ConfigError("model= without ckpt_path needs data=<name> for the probe images (e.g. data=shapes)")
+    net, _, input_size = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
+    if not cfg.model.get("weights"):
+        log.warning("model.weights=null: analysing a randomly initialised %s", cfg.model.arch)
+    return net, {**OmegaConf.to_container(cfg.data, resolve=True), "input_size": input_size}, 0, 0
+
+
+def analyze(cfg: DictConfig) -> dict[str, Any]:
+    """Run every configured analysis once on the model; returns {analysis name: record}."""
+    pl.seed_everything(cfg.seed, workers=True)
+    validate_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    net, data_cfg, epoch, step = load_model(cfg)
+    data_cfg = {k: v for k, v in data_cfg.items() if k != "_target_"}
+    datamodule = instantiate({"_target_": "featurelens.data.ImageDataModule", **data_cfg})
+    analyses: list[AnalysisCallback] = instantiate_all(cfg.get("analysis"))
+    if not analyses:
+        raise ConfigError("analysis=none: nothing to run; choose e.g. analysis=chirality")
+    loggers = build_loggers(cfg)
+    records = {}
+    for cb in analyses:
+        def probe(cb: AnalysisCallback = cb) -> tuple[torch.Tensor, torch.Tensor]:
+            return datamodule.probe_set(cb.probe_size, cb.probe_seed)
+
+        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, probe=probe)
+        records[cb.name] = cb.run_once(net, ctx)
+        log.info("%s: results in %s", cb.name, cb.out_dir)
+    for lg in loggers:
+        lg.finalize("success")
+    write_json(out_dir / "metrics.json", {k: v for r in records.values() for k, v in r.items()
+                                          if isinstance(v, int | float)})
+    return records
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    run_task(analyze, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The analysis-callback framework: when analyses run, where their results go, how they survive a resume.
+
+An analysis is a plain function in ``featurelens.analysis``; its callback subclasses
+:class:`AnalysisCallback` and implements :meth:`compute` (scalars) and optionally :meth:`report`
+(figures, tables) and :meth:`summarize` (end-of-run scalars). The base class
+
+- runs it at epoch 0 (``on_train_start``, before any optimiser step) and after every ``every_n_epochs``-th
+  epoch (``on_validation_end``, after the epoch's validation metrics exist and before ``ModelCheckpoint``
+  saves, so the checkpoint holds the record; ``on_train_epoch_end`` when no validation ran), never during
+  Lightning's sanity check;
+- puts the model in eval mode, disables gradients and forks the RNG, restoring all of it afterwards, so an
+  analysis never perturbs training;
+- logs ``<name>/<key>`` scalars to every logger, appends the record to
+  ``<run_dir>/analysis/<name>/results.jsonl`` and keeps it in ``history``, which is checkpointed, so a
+  resumed run rewrites the file from the history and continues without duplicated or lost epochs.
+
+``run_once`` is the same pipeline without a Trainer, used by ``analyze.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger, WandbLogger
+from torch import nn
+
+from featurelens.results import ResultsFile, jsonable, write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalysisContext:
+    """Everything an analysis may need besides the model."""
+
+    run_dir: Path
+    epoch: int
+    step: int
+    final: bool = False
+    loggers: list[Logger] = field(default_factory=list)
+    probe: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode, no gradients, forked RNG; the model's train/eval flags are restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad():
+            model.eval()
+            yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
+    return [lg for lg in loggers if isinstance(lg, WandbLogger)]
+
+
+def log_scalars(loggers: list[Logger], scalars: dict[str, float], step: int) -> None:
+    for lg in loggers:
+        lg.log_metrics(scalars, step=step)
+
+
+class AnalysisCallback(pl.Callback):
+    """Base class of the analysis callbacks; see the module docstring."""
+
+    name = "analysis"
+    #: analyses on identical weights need only rank 0; accumulating (torchmetrics) analyses set False
+    rank_zero_only = True
+
+    def __init__(self, every_n_epochs: int = 1, probe_size: int = 500, probe_seed: int = 0):
+        super().__init__()
+        self.every_n_epochs = every_n_epochs
+        self.probe_size, self.probe_seed = probe_size, probe_seed
+        self.history: list[dict[str, Any]] = []
+        self.run_dir: Path | None = None
+        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ subclass API
+    def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
+        """Return the analysis values for this epoch; scalars (floats) are logged, other values kept."""
+        raise NotImplementedError
+
+    def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
+        """Write figures and tables for this epoch (optional)."""
+
+    def summarize(self, ctx: AnalysisContext) -> dict[str, float]:
+        """End-of-run scalars computed from ``history`` (optional)."""
+        return {}
+
+    # ------------------------------------------------------------------ engine
+    @property
+    def out_dir(self) -> Path:
+        assert self.run_dir is not None, "run_dir is set in setup() or run_once()"
+        return self.run_dir / "analysis" / self.name
+
+    @property
+    def results(self) -> ResultsFile:
+        return ResultsFile(self.out_dir / "results.jsonl")
+
+    def analyze(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
+        """Compute, record, log and report one epoch."""
+        with analysis_mode(model):
+            values = self.compute(model, ctx)
+        scalars = {f"{self.name}/{k}": float(v) for k, v in values.items() if isinstance(v, int | float)}
+        record = {"epoch": ctx.epoch, "step": ctx.step, **ctx.metrics, **scalars,
+                  **{f"{self.name}/{k}": v for k, v in values.items() if not isinstance(v, int | float)}}
+        record = jsonable(record)
+        self.history = [r for r in self.history if r["epoch"] != ctx.epoch] + [record]
+        self.results.append(record)
+        log_scalars(ctx.loggers, {**scalars, "epoch": ctx.epoch}, ctx.step)
+        with analysis_mode(model):
+            self.report(model, ctx, record)
+        return record
+
+    def finish(self, ctx: AnalysisContext) -> dict[str, float]:
+        summary = {f"{self.name}/summary/{k}": v for k, v in self.summarize(ctx).items()}
+        if summary:
+            log_scalars(ctx.loggers, summary, ctx.step)
+        write_json(self.out_dir / "summary.json", {"epochs": [r["epoch"] for r in self.history], **summary})
+        return summary
+
+    def run_once(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
+        """Analyse a finished model outside training (``analyze.py``)."""
+        self.run_dir = ctx.run_dir
+        self.history = []
+        self.results.rewrite([])
+        record = self.analyze(model, ctx)
+        self.finish(ctx)
+        return record
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> AnalysisContext:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith(("val/", "train/")) and v.numel() == 1}
+        final = epoch >= trainer.max_epochs or trainer.should_stop
+        return AnalysisContext(self.run_dir, epoch, trainer.global_step, final, trainer.loggers,
+                               lambda: self._probe_batch(trainer, pl_module), metrics)
+
+    def _probe_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._probe is None:
+            datamodule = trainer.datamodule
+            if datamodule is None or not hasattr(datamodule, "probe_set"):
+                raise RuntimeError(f"{self.name}: the probe set needs a featurelens ImageDataModule")
+            self._probe = datamodule.probe_set(self.probe_size, self.probe_seed)
+        x, y = self._probe
+        return x.to(pl_module.device), y.to(pl_module.device)
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return (trainer.is_global_zero or not self.rank_zero_only) and not trainer.sanity_checking
+
+    def _maybe_analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        due = epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs
+        if not self._active(trainer) or not due or any(r["epoch"] == epoch for r in self.history):
+            return
+        self.analyze(pl_module.net if hasattr(pl_module, "net") else pl_module,
+                     self._context(trainer, pl_module, epoch))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.run_dir = Path(trainer.default_root_dir)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(trainer):
+            return
+        self.results.rewrite(self.history)  # a resumed run continues the restored history
+        if trainer.global_step == 0 and not any(r["epoch"] == 0 for r in self.history):
+            self.analyze(pl_module.net if hasattr(pl_module, "net") else pl_module,
+                         self._context(trainer, pl_module, 0))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and trainer.val_check_batch == trainer.num_training_batches:
+            self._maybe_analyze(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_analyze(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._active(trainer) and self.history:
+            self.finish(self._context(trainer, pl_module, self.history[-1]["epoch"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))

@@ -1,0 +1,87 @@
+"""Matplotlib figures shared by the callbacks and the table scripts (Agg backend, files on disk)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def line_plot(x: Sequence, series: Mapping[str, Sequence[float]], path: Path, *, xlabel: str, ylabel: str,
+              title: str = "", bands: Mapping[str, Sequence[float]] | None = None, legend_cols: int = 1,
+              hline: float | None = None, xticks: Sequence[str] | None = None) -> Path:
+    """One line per series over ``x``; optional ±band per series (e.g. seed spread)."""
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, ys in series.items():
+        ys = np.asarray(ys, dtype=float)
+        ax.plot(x[: len(ys)], ys, marker="o", ms=3, lw=1.2, label=label)
+        if bands and label in bands:
+            sd = np.asarray(bands[label], dtype=float)
+            ax.fill_between(x[: len(ys)], ys - sd, ys + sd, alpha=0.2)
+    if hline is not None:
+        ax.axhline(hline, color="grey", ls="--", lw=0.8)
+    if xticks is not None:
+        ax.set_xticks(range(len(xticks)), xticks, rotation=60, ha="right", fontsize=7)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    if len(series) <= 24:
+        ax.legend(fontsize=7, ncol=legend_cols, loc="best")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def histogram_grid(edges: Sequence[float], hists: Mapping[str, Mapping[str, Sequence[float]]], path: Path,
+                   *, xlabel: str, title: str = "") -> Path:
+    """Small multiples, one panel per key of ``hists``; each panel overlays its named histograms (densities)."""
+    n = len(hists)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.5 * rows), squeeze=False)
+    edges = np.asarray(edges, dtype=float)
+    width = np.diff(edges)
+    for ax, (panel, curves) in zip(axes.flat, hists.items(), strict=False):
+        for label, counts in curves.items():
+            counts = np.asarray(counts, dtype=float)
+            density = counts / max(counts.sum(), 1) / width
+            ax.stairs(density, edges, label=label, fill=False, lw=1.2)
+        ax.set_title(panel, fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def filter_montage(weight: np.ndarray, labels: Sequence[str], path: Path, *, title: str = "") -> Path:
+    """Conv filters (O, C, k, k) as images (RGB if C == 3, else the channel mean), each with a caption."""
+    w = np.asarray(weight, dtype=float)
+    img = w.transpose(0, 2, 3, 1) if w.shape[1] == 3 else w.mean(axis=1)[..., None].repeat(3, axis=-1)
+    lo, hi = img.min(axis=(1, 2, 3), keepdims=True), img.max(axis=(1, 2, 3), keepdims=True)
+    img = (img - lo) / np.maximum(hi - lo, 1e-12)
+    n = len(img)
+    cols = min(16, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols, 1.05 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, im, label in zip(axes.flat, img, labels, strict=False):
+        ax.imshow(im, interpolation="nearest")
+        ax.set_title(label, fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

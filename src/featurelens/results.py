@@ -1,0 +1,71 @@
+"""The per-run results file: one JSON object per line, flushed and fsynced so a dying run loses nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def jsonable(value: Any) -> Any:
+    """Plain-JSON version of ``value``: tensors and numpy values become Python numbers/lists, NaN → None."""
+    if isinstance(value, torch.Tensor | np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2))
+    os.replace(tmp, path)
+
+
+class ResultsFile:
+    """JSON-lines file of analysis records; ``rewrite`` replaces it atomically, ``append`` adds one line."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def rewrite(self, records: Iterable[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            for r in records:
+                f.write(json.dumps(jsonable(r)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(jsonable(record)) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_results(path: Path) -> list[dict]:
+    """Records of a results file; a torn last line (a run killed while writing) is ignored."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -1,0 +1,116 @@
+"""Every config option composes and builds; bad values stop before any work with a one-line message."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF, ROOT
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from featurelens.errors import ConfigError
+from featurelens.runtime import validate_config
+from featurelens.train import build_net
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["init", "data", "optimizer", "scheduler", "trainer", "logger", "analysis"])
+def test_every_group_option_composes(cfg_factory, group):
+    for option in _options(group):
+        extra = ["data.root=/tmp", "data.num_classes=3"] if option == "imagefolder" else []
+        cfg = cfg_factory(f"{group}={option}", *extra, base=[])
+        job = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+        assert job[group] is None or isinstance(job[group], dict)
+        if group == "init":
+            assert cfg.init.method in (option, {"kaiming": "kaiming_normal", "xavier": "xavier_normal"}.get(option))
+
+
+# input width for 32-px data chosen by model.input_size=auto (chirality spec §2.5 table)
+EXPECTED_WIDTH = {"alexnet": 63, "vgg11": 32, "vgg16": 32, "vgg16_bn": 32, "resnet18": 33, "resnet50": 33,
+                  "mlp": 32, "small_cnn": 32}
+
+
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_model_builds_and_runs_at_its_resolved_width(cfg_factory, model):
+    cfg = cfg_factory(f"model={model}", base=[])
+    net, model_cfg, width = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
+    assert width == EXPECTED_WIDTH[model]
+    instantiate(cfg.init)(net)
+    with torch.no_grad():
+        out = net.eval()(torch.randn(2, cfg.data.channels, width, width))
+    assert out.shape == (2, cfg.data.num_classes)
+    assert instantiate(model_cfg).state_dict().keys() == net.state_dict().keys()  # the checkpoint rebuilds it
+
+
+def test_grey_data_adapts_the_first_conv(cfg_factory):
+    cfg = cfg_factory("model=resnet18", "data=digits", base=[])
+    net, _, width = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
+    assert net.conv1.in_channels == 1 and net.conv1.kernel_size == (7, 7)
+    assert net(torch.randn(2, 1, width, width)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("trainer.max_epochs=0", "trainer.max_epochs=0"),
+    ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
+    ("data.batch_size=0", "data.batch_size=0"),
+    ("data.num_workers=-1", "data.num_workers=-1"),
+    ("init.method=he", "valid: ['default'"),
+    ("model.input_size=big", "model.input_size='big'"),
+    ("ckpt_path=/no/such.ckpt", "no such checkpoint"),
+    ("analysis.chirality.every_n_epochs=0", "analysis.chirality.every_n_epochs=0"),
+])
+def test_bad_values_are_rejected_by_name(cfg_factory, override, needle):
+    cfg = cfg_factory(override, base=[])
+    with pytest.raises(ConfigError, match=None) as err:
+        validate_config(cfg)
+    assert needle in str(err.value)
+
+
+def test_missing_imagefolder_root_is_rejected(cfg_factory, tmp_path):
+    cfg = cfg_factory("data=imagefolder", f"data.root={tmp_path}/nowhere", "data.num_classes=3", base=[])
+    with pytest.raises(ConfigError, match="nowhere"):
+        validate_config(cfg)
+
+
+def test_pretrained_weights_with_a_reinit_is_rejected(cfg_factory):
+    cfg = cfg_factory("model=resnet18", "model.weights=IMAGENET1K_V1", "init=kaiming", base=[])
+    with pytest.raises(ConfigError, match="use init=default"):
+        validate_config(cfg)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}  # as a user runs it
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "logger=none",
+                           f"hydra.run.dir={cwd}/run"], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+def test_cli_bad_value_exits_with_one_line_and_no_traceback(tmp_path):
+    res = _cli("trainer.max_epochs=0", cwd=tmp_path)
+    assert res.returncode == 2
+    assert "featurelens: error: trainer.max_epochs=0: must be a positive integer" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+def test_cli_unknown_option_lists_the_valid_choices(tmp_path):
+    res = _cli("model=vgg99", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "Could not find 'model/vgg99'" in res.stderr and "resnet18" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_analysis_package_never_imports_lightning():
+    for path in (ROOT / "src" / "featurelens" / "analysis").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("pytorch_lightning", "lightning") for n in names), path
