@@ -1,0 +1,163 @@
+"""Turn the results files of one or more sweeps into the papers' tables and figures (no W&B needed).
+
+    python scripts/make_tables.py outputs/multiruns/<date>/<time> [more sweep dirs] [--out outputs/tables]
+
+Each job directory of a sweep holds ``.hydra/config.yaml`` and ``analysis/<name>/results.jsonl``; jobs that
+failed (a ``FAILED`` file, or no results) are listed and left out. Writes, for feature chirality:
+``chirality_init.{csv,md}`` (chirality at init and after training per model × init × flip augmentation,
+mean ± sd over seeds, with val accuracy and the ANOVA test of "the init does not matter", spec §7) and
+``chirality_vs_epoch.png`` (C_model vs epoch, one line per init, one panel per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import OmegaConf
+from scipy.stats import f_oneway
+
+from featurelens import plots
+from featurelens.results import read_results
+
+
+def find_jobs(sweep_dirs: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Job dirs (those with a composed config) below the sweep dirs, split into finished and failed."""
+    jobs = sorted({p.parent.parent for d in sweep_dirs for p in Path(d).rglob(".hydra/config.yaml")})
+    failed = [j for j in jobs if (j / "FAILED").exists() or not (j / "metrics.json").exists()]
+    return [j for j in jobs if j not in failed], failed
+
+
+def chirality_frame(jobs: list[Path]) -> pd.DataFrame:
+    """One row per job and analysed epoch."""
+    rows = []
+    for job in jobs:
+        results = job / "analysis" / "chirality" / "results.jsonl"
+        if not results.exists():
+            continue
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        for r in read_results(results):
+            if r.get("chirality/model") is None:
+                continue
+            rows.append({"job": job.name, "model": cfg.model.arch, "init": cfg.init.method, "seed": cfg.seed,
+                         "flip_aug": bool(cfg.data.get("flip_aug")), "epoch": r["epoch"],
+                         "C": r["chirality/model"], "C_pooled": r.get("chirality/model_pooled"),
+                         "C_norm": r.get("chirality/model_norm"), "C_paramw": r.get("chirality/model_paramw"),
+                         "val_acc": r.get("val/acc")})
+    return pd.DataFrame(rows)
+
+
+def _mean_sd(s: pd.Series) -> str:
+    s = s.dropna()
+    if s.empty:
+        return "–"
+    return f"{s.mean():.4f} ± {s.std(ddof=1):.4f}" if len(s) > 1 else f"{s.mean():.4f}"
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values."""
+    order = np.argsort(pvalues)
+    adjusted, running = np.empty(len(pvalues)), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def init_anova(final: pd.DataFrame) -> pd.DataFrame:
+    """Spec §7: one-way ANOVA of final C_model over inits, per model (needs >= 2 seeds per init)."""
+    rows = []
+    for model, g in final.groupby("model"):
+        groups = [s["C"].to_numpy() for _, s in g.groupby("init")]
+        if len(groups) < 2 or min(len(x) for x in groups) < 2:
+            continue
+        res = f_oneway(*groups)
+        grand = np.concatenate(groups).mean()
+        ss_between = sum(len(x) * (x.mean() - grand) ** 2 for x in groups)
+        ss_total = sum(((x - grand) ** 2).sum() for x in groups)
+        means = [x.mean() for x in groups]
+        s_w = np.sqrt(np.mean([x.var(ddof=1) for x in groups]))
+        n = min(len(x) for x in groups)
+        rows.append({"model": model, "F": res.statistic, "p": res.pvalue,
+                     "eta2": ss_between / ss_total if ss_total > 0 else np.nan,
+                     "range": max(means) - min(means), "range_limit": max(0.01, 4 * s_w / np.sqrt(n))})
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["p_holm"] = holm(table["p"].tolist())
+        table["init_does_not_matter"] = (table["p_holm"] >= 0.05) & (table["range"] <= table["range_limit"])
+    return table
+
+
+def chirality_tables(frame: pd.DataFrame, out: Path, name: str = "chirality_init") -> list[Path]:
+    keys = ["model", "init", "flip_aug"]
+    first = frame[frame.epoch == 0]
+    last = frame.loc[frame.groupby("job").epoch.idxmax()]
+    rows = []
+    for key, g in last.groupby(keys):
+        g0 = first.set_index(keys).loc[[key]] if key in first.set_index(keys).index else pd.DataFrame()
+        rows.append({**dict(zip(keys, key, strict=True)), "n_seeds": g.seed.nunique(),
+                     "epochs": int(g.epoch.max()),
+                     "C_init_mean": g0["C"].mean() if len(g0) else np.nan,
+                     "C_init_sd": g0["C"].std(ddof=1) if len(g0) > 1 else np.nan,
+                     "C_final_mean": g["C"].mean(), "C_final_sd": g["C"].std(ddof=1) if len(g) > 1 else np.nan,
+                     "C_pooled_final": g["C_pooled"].mean(), "C_norm_final": g["C_norm"].mean(),
+                     "val_acc_final": g["val_acc"].mean(),
+                     "C_init": _mean_sd(g0["C"]) if len(g0) else "–", "C_final": _mean_sd(g["C"]),
+                     "val_acc": _mean_sd(g["val_acc"])})
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{name}.csv", out / f"{name}.md"]
+    table.drop(columns=["C_init", "C_final", "val_acc"]).to_csv(written[0], index=False)
+    md = ["# Feature chirality at init and after training (mean ± sd over seeds)", "",
+          table[[*keys, "n_seeds", "epochs", "C_init", "C_final", "C_pooled_final", "C_norm_final", "val_acc"]]
+          .to_markdown(index=False, floatfmt=".4f")]
+    anova = init_anova(last)
+    if not anova.empty:
+        md += ["", "## Does the init matter after training? (one-way ANOVA over inits, Holm over models)", "",
+               anova.to_markdown(index=False, floatfmt=".4g")]
+        anova.to_csv(out / f"{name}_anova.csv", index=False)
+        written.append(out / f"{name}_anova.csv")
+    written[1].write_text("\n".join(md) + "\n")
+    written.append(chirality_figure(frame, out / f"{name}_vs_epoch.png"))
+    return written
+
+
+def chirality_figure(frame: pd.DataFrame, path: Path) -> Path:
+    """C_model vs epoch, mean ± sd over seeds, one line per init; models side by side in one figure each."""
+    series, bands = {}, {}
+    epochs = sorted(frame.epoch.unique())
+    for (model, init), g in frame.groupby(["model", "init"]):
+        stats = g.groupby("epoch")["C"].agg(["mean", "std"]).reindex(epochs)
+        label = f"{model} / {init}" if frame.model.nunique() > 1 else init
+        series[label], bands[label] = stats["mean"].to_numpy(), stats["std"].fillna(0).to_numpy()
+    return plots.line_plot(epochs, series, path, xlabel="epoch", ylabel="C_model (kernel chirality)",
+                           title="Feature chirality during training, one line per init", bands=bands)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweeps", nargs="+", type=Path, help="sweep (multirun) directories")
+    parser.add_argument("--out", type=Path, default=Path("outputs/tables"))
+    parser.add_argument("--name", default="chirality_init", help="file stem of the chirality table")
+    args = parser.parse_args(argv)
+    missing = [str(d) for d in args.sweeps if not d.is_dir()]
+    if missing:
+        print(f"make_tables: error: no such directory: {missing}", file=sys.stderr)
+        return 2
+    jobs, failed = find_jobs(args.sweeps)
+    for job in failed:
+        print(f"skipping failed or unfinished job: {job}", file=sys.stderr)
+    frame = chirality_frame(jobs)
+    if frame.empty:
+        print(f"make_tables: error: no chirality results in {len(jobs)} finished jobs", file=sys.stderr)
+        return 1
+    for path in chirality_tables(frame, args.out, args.name):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
