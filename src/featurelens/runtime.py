@@ -74,6 +74,9 @@ def validate_config(cfg: DictConfig) -> None:
     if "trainer" in cfg:
         _check(_positive_int(cfg.trainer.get("max_epochs")), "trainer.max_epochs", cfg.trainer.get("max_epochs"),
                "must be a positive integer")
+        if cfg.trainer.get("sync_batchnorm") and cfg.trainer.get("accelerator") == "cpu":
+            raise ConfigError("trainer.sync_batchnorm=true needs GPUs; with trainer.accelerator=cpu "
+                              "set trainer.sync_batchnorm=false")
     if "optimizer" in cfg:
         lr = cfg.optimizer.get("lr")
         _check(isinstance(lr, int | float) and math.isfinite(lr) and lr > 0, "optimizer.lr", lr,
