@@ -115,3 +115,13 @@ def test_analysis_package_never_imports_lightning():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n.split(".")[0] in ("pytorch_lightning", "lightning") for n in names), path
+
+
+def test_sweep_dir_names_put_group_choices_first_and_stay_short():
+    from featurelens.runtime import safe_dirname
+
+    long = "analysis.chirality.fmap.n_probe=64,data.root=/a/b,init=kaiming,model.channels=[4,8],model=vgg16,seed=1"
+    name = safe_dirname(long, max_len=60)
+    assert name.startswith("init=kaiming,model=vgg16,seed=1,") and len(name) == 60 and "/" not in name
+    assert safe_dirname(long, max_len=60) != safe_dirname(long.replace("seed=1", "seed=2"), max_len=60)
+    assert safe_dirname("model.channels=[4,8],init=xavier") == "init=xavier,model.channels=[4,8]"

@@ -35,7 +35,7 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any], int, i
             raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a featurelens checkpoint (no model_cfg); "
                               "for a plain state dict use model=<arch> model.weights=<file>")
         hp = ckpt["hyper_parameters"]
-        module = Classifier(hp["model_cfg"], hp["optimizer"], hp.get("scheduler"), hp.get("data_info"))
+        module = Classifier(**hp)
         module.load_state_dict(ckpt["state_dict"])
         data_cfg = dict(hp.get("data_info") or {})
         if cfg.get("data"):

@@ -24,9 +24,24 @@ from featurelens.models import ARCHS, INIT_METHODS
 log = logging.getLogger("featurelens")
 
 
+def _split_overrides(overrides: str) -> list[str]:
+    """Split Hydra's ``override_dirname`` at the commas that separate items (not those inside [...])."""
+    items, depth, current = [], 0, ""
+    for ch in overrides:
+        depth += {"[": 1, "(": 1, "{": 1, "]": -1, ")": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*items, current] if current else items
+
+
 def safe_dirname(overrides: str, max_len: int = 100) -> str:
-    """A sweep job's dir name from its overrides: no path separators, long ones cut and hashed."""
-    name = overrides.replace("/", "_")
+    """A sweep job's dir name from its overrides: group choices (``model=vgg16``) first, no path
+    separators, and names longer than ``max_len`` cut and suffixed with a hash of the whole string."""
+    items = _split_overrides(overrides)
+    name = ",".join(sorted(items, key=lambda item: "." in item.split("=")[0])).replace("/", "_")
     if len(name) <= max_len:
         return name
     return f"{name[: max_len - 9]}_{hashlib.md5(name.encode()).hexdigest()[:8]}"

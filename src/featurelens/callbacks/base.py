@@ -20,7 +20,6 @@ An analysis is a plain function in ``featurelens.analysis``; its callback subcla
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +31,6 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
 
 from featurelens.results import ResultsFile, jsonable, write_json
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -47,10 +44,6 @@ class AnalysisContext:
     loggers: list[Logger] = field(default_factory=list)
     probe: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def out_dir(self) -> Path:
-        return self.run_dir
 
 
 @contextlib.contextmanager
@@ -148,9 +141,12 @@ class AnalysisCallback(pl.Callback):
     def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> AnalysisContext:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith(("val/", "train/")) and v.numel() == 1}
-        final = epoch >= trainer.max_epochs or trainer.should_stop
-        return AnalysisContext(self.run_dir, epoch, trainer.global_step, final, trainer.loggers,
+        return AnalysisContext(self.run_dir, epoch, trainer.global_step, self._final(trainer, epoch), trainer.loggers,
                                lambda: self._probe_batch(trainer, pl_module), metrics)
+
+    @staticmethod
+    def _final(trainer: pl.Trainer, epoch: int) -> bool:
+        return bool((trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch) or trainer.should_stop)
 
     def _probe_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         if self._probe is None:
@@ -166,7 +162,7 @@ class AnalysisCallback(pl.Callback):
 
     def _maybe_analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        due = epoch % self.every_n_epochs == 0 or epoch >= trainer.max_epochs
+        due = epoch % self.every_n_epochs == 0 or self._final(trainer, epoch)
         if not self._active(trainer) or not due or any(r["epoch"] == epoch for r in self.history):
             return
         self.analyze(pl_module.net if hasattr(pl_module, "net") else pl_module,
