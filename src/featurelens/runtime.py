@@ -147,8 +147,8 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig) -> float | Non
         return float(value) if value is not None else None
     except (ConfigError, NonFiniteLossError) as e:
         (out_dir / "FAILED").write_text(f"{type(e).__name__}: {e}\n")
-        log.error("%s", e)
         if multirun:
+            log.error("job %s failed: %s; the sweep continues", out_dir.name, e)
             return None
         print(f"featurelens: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
