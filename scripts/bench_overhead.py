@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from featurelens.callbacks import AnalysisContext, ChiralityCallback
+from featurelens.callbacks import AnalysisCallback, AnalysisContext, ChiralityCallback, ClassFiltersCallback
 from featurelens.data import ImageDataModule
 from featurelens.module import Classifier
 from featurelens.train import CONF_DIR, build_net
@@ -88,12 +88,13 @@ def lightning_loop(module: Classifier, dm: ImageDataModule, epochs: int, device:
     return len(dm.train_set) / statistics.median(timer.times)
 
 
-def analysis_seconds(cb: ChiralityCallback, net: torch.nn.Module, dm: ImageDataModule, device: str,
+def analysis_seconds(cb: AnalysisCallback, net: torch.nn.Module, dm: ImageDataModule, device: str,
                      repeats: int = 3) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cb.run_dir = Path(tmp)
         x, y = dm.probe_set(cb.probe_size, cb.probe_seed)
-        ctx = AnalysisContext(Path(tmp), epoch=1, step=1, probe=lambda: (x.to(device), y.to(device)))
+        ctx = AnalysisContext(Path(tmp), epoch=1, step=1, probe=lambda: (x.to(device), y.to(device)),
+                              datamodule=dm, device=torch.device(device))
         cb.analyze(net, ctx)  # warm-up (figures' first draw, caches)
         start = time.perf_counter()
         for i in range(repeats):
@@ -144,6 +145,11 @@ def main() -> None:
     per_epoch = kernels + (with_fmap - kernels) / 5
     print(f"| **chirality as configured by default, per epoch (kernels every epoch, feature maps every 5th)** "
           f"| {per_epoch:.3f} | **{100 * per_epoch / epoch_s:.1f}%** |")
+    for n_per_class in (100, None):
+        s = analysis_seconds(ClassFiltersCallback(n_per_class=n_per_class), net, dm, args.device)
+        label = (f"class_filters: 2 selection passes over {n_per_class or 'all'} training images per class "
+                 f"+ 1 validation pass{' (default)' if n_per_class == 100 else ''}")
+        print(f"| {label} | {s:.3f} | {100 * s / epoch_s:.1f}% |")
 
 
 if __name__ == "__main__":

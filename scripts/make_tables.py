@@ -7,6 +7,11 @@ failed (a ``FAILED`` file, or no results) are listed and left out. Writes, for f
 ``chirality_init.{csv,md}`` (chirality at init and after training per model × init × flip augmentation,
 mean ± sd over seeds, with val accuracy and the ANOVA test of "the init does not matter", spec §7) and
 ``chirality_vs_epoch.png`` (C_model vs epoch, one line per init, one panel per model).
+For class-specific filters (final epoch of every job): ``class_filters_k.{csv,md}`` (decomposed accuracy
+per k with the full head's, mean ± sd over seeds, plus union, overlap, MI and MAC reduction at the default
+k), ``class_filters_depth.{csv,md}`` (features per class, set size, Ψ and decomposed accuracy per model
+and depth, with the Spearman correlation of depth against both readings of "proportional to depth":
+the absolute count K(0.5) and the share K(0.5)/D) and ``class_filters_acc_vs_k.png``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
-from scipy.stats import f_oneway
+from scipy.stats import f_oneway, spearmanr
 
 from featurelens import plots
 from featurelens.results import read_results
@@ -137,6 +142,73 @@ def chirality_figure(frame: pd.DataFrame, path: Path) -> Path:
                            title="Feature chirality during training, one line per init", bands=bands)
 
 
+def class_filters_frame(jobs: list[Path]) -> pd.DataFrame:
+    """One row per job: the final epoch's class-filter values, with model, depth and seed."""
+    rows = []
+    p = "class_filters/"
+    for job in jobs:
+        results = job / "analysis" / "class_filters" / "results.jsonl"
+        records = read_results(results) if results.exists() else []
+        if not records:
+            continue
+        cfg, last = OmegaConf.load(job / ".hydra" / "config.yaml"), records[-1]
+        channels = cfg.model.get("channels")
+        model = cfg.model.arch + (f"[{len(channels)} conv]" if channels is not None else "")
+        rows.append({"job": job.name, "model": model, "seed": cfg.seed, "epoch": last["epoch"],
+                     **{k.removeprefix(p): v for k, v in last.items()
+                        if k.startswith(p) and isinstance(v, int | float)}})
+    return pd.DataFrame(rows)
+
+
+def class_filters_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    k_cols = sorted((c for c in frame.columns if c.startswith("k") and c.endswith("/acc_decomposed")),
+                    key=lambda c: int(c.split("/")[0][1:]))
+    rows = []
+    for model, g in frame.groupby("model"):
+        for col in k_cols:
+            if g[col].notna().any():
+                rows.append({"model": model, "D": int(g["dim"].iloc[0]), "k": int(col.split("/")[0][1:]),
+                             "n_seeds": g.seed.nunique(), "acc_full": _mean_sd(g["acc_full"]),
+                             "acc_decomposed": _mean_sd(g[col]),
+                             "acc_decomposed_mean": g[col].mean(), "acc_full_mean": g["acc_full"].mean()})
+    k_table = pd.DataFrame(rows)
+    default_cols = ["k", "union", "overlap_mean", "jaccard_mean", "mi_incl_self", "mi_excl_self", "mac_reduction",
+                    "mass_topk", "noise/acc_at_S", "noise/acc_at_rest", "stability"]
+    at_default = frame.groupby("model")[[c for c in default_cols if c in frame]].mean().reset_index()
+    k_table.drop(columns=["acc_full", "acc_decomposed"]).to_csv(out / "class_filters_k.csv", index=False)
+    (out / "class_filters_k.md").write_text("\n".join([
+        "# Decomposed final layer: accuracy per k (mean ± sd over seeds; no retraining)", "",
+        k_table[["model", "D", "k", "n_seeds", "acc_full", "acc_decomposed"]].to_markdown(index=False), "",
+        "## Sets at the default k (means over seeds)", "",
+        at_default.to_markdown(index=False, floatfmt=".4g"), ""]))
+    written += [out / "class_filters_k.csv", out / "class_filters_k.md"]
+    series = {m: g.sort_values("k")["acc_decomposed_mean"].to_numpy() for m, g in k_table.groupby("model")}
+    xs = sorted(k_table.k.unique())
+    if len(series) == 1 or k_table.groupby("model").k.apply(list).map(lambda ks: ks == xs).all():
+        written.append(plots.line_plot(xs, series, out / "class_filters_acc_vs_k.png", xlabel="k (features per class)",
+                                       ylabel="accuracy, decomposed head", title="Decomposed head vs k"))
+
+    depth_cols = ["dim", "depth", "features_per_class", "set_size_mean", "psi/penultimate", "acc_full",
+                  "acc_decomposed", "union", "overlap_mean"]
+    depth = frame.groupby("model")[[c for c in depth_cols if c in frame]].mean().reset_index()
+    depth["features_per_class_over_D"] = depth["features_per_class"] / depth["dim"]
+    depth = depth.sort_values("depth")
+    lines = ["# Features per class against depth (final epoch, mean over seeds)", "",
+             depth.to_markdown(index=False, floatfmt=".4g"), ""]
+    if depth["depth"].nunique() >= 3:
+        for col, reading in (("features_per_class", "absolute count K(0.5)"),
+                             ("features_per_class_over_D", "share of the layer K(0.5)/D")):
+            rho = spearmanr(depth["depth"], depth[col]).statistic
+            lines.append(f"- Spearman(depth, {reading}) = {rho:.3f} over {len(depth)} models")
+    else:
+        lines.append("- fewer than 3 depths: no correlation reported")
+    depth.to_csv(out / "class_filters_depth.csv", index=False)
+    (out / "class_filters_depth.md").write_text("\n".join(lines) + "\n")
+    return [*written, out / "class_filters_depth.csv", out / "class_filters_depth.md"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep (multirun) directories")
@@ -150,11 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     jobs, failed = find_jobs(args.sweeps)
     for job in failed:
         print(f"skipping failed or unfinished job: {job}", file=sys.stderr)
+    written = []
     frame = chirality_frame(jobs)
-    if frame.empty:
-        print(f"make_tables: error: no chirality results in {len(jobs)} finished jobs", file=sys.stderr)
+    if not frame.empty:
+        written += chirality_tables(frame, args.out, args.name)
+    cf_frame = class_filters_frame(jobs)
+    if not cf_frame.empty:
+        written += class_filters_tables(cf_frame, args.out)
+    if not written:
+        print(f"make_tables: error: no analysis results in {len(jobs)} finished jobs", file=sys.stderr)
         return 1
-    for path in chirality_tables(frame, args.out, args.name):
+    for path in written:
         print(f"wrote {path}")
     return 0
 

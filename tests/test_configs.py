@@ -35,8 +35,8 @@ def test_every_group_option_composes(cfg_factory, group):
 
 
 # input width for 32-px data chosen by model.input_size=auto (chirality spec §2.5 table)
-EXPECTED_WIDTH = {"alexnet": 63, "vgg11": 32, "vgg16": 32, "vgg16_bn": 32, "resnet18": 33, "resnet50": 33,
-                  "mlp": 32, "small_cnn": 32}
+EXPECTED_WIDTH = {"alexnet": 63, "vgg11": 32, "vgg16": 32, "vgg16_bn": 32, "resnet18": 33, "resnet34": 33,
+                  "resnet50": 33, "mlp": 32, "small_cnn": 32}
 
 
 @pytest.mark.parametrize("model", _options("model"))

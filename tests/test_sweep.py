@@ -60,7 +60,9 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
 
 def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    common = [*TINY_CLI, "model=small_cnn", "model.channels=[4,8]", "test=false"]
+    common = [*TINY_CLI, "model=small_cnn", "model.channels=[4,8]", "test=false",
+              "analysis=[chirality,class_filters]", "analysis.class_filters.k_grid=[1,3,8]",
+              "analysis.class_filters.n_per_class=8"]
     runs = {}
     for name, extra in (("single", []), ("ddp", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                                                  "trainer.sync_batchnorm=false"])):
@@ -68,7 +70,14 @@ def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):
                               f"hydra.run.dir={tmp_path}/{name}"], capture_output=True, text=True, cwd=tmp_path,
                              env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
-        runs[name] = read_results(tmp_path / name / "analysis/chirality/results.jsonl")
-    assert [r["epoch"] for r in runs["ddp"]] == [0, 1, 2]  # rank 0 only: no duplicated records
-    # same seed, same initial weights: the epoch-0 kernel values agree exactly across strategies
-    assert runs["ddp"][0]["chirality/model"] == runs["single"][0]["chirality/model"]
+        runs[name] = {a: read_results(tmp_path / name / f"analysis/{a}/results.jsonl")
+                      for a in ("chirality", "class_filters")}
+    for analysis in ("chirality", "class_filters"):
+        assert [r["epoch"] for r in runs["ddp"][analysis]] == [0, 1, 2]  # rank 0 writes: no duplicated records
+    # same seed, same initial weights: at epoch 0 the kernel values agree exactly, and the class filters,
+    # streamed over half of the images on each rank and summed by torchmetrics, equal the single-process ones
+    assert runs["ddp"]["chirality"][0]["chirality/model"] == runs["single"]["chirality"][0]["chirality/model"]
+    ddp0, single0 = runs["ddp"]["class_filters"][0], runs["single"]["class_filters"][0]
+    for key in ("class_filters/sets", "class_filters/n_images", "class_filters/acc_full",
+                "class_filters/k3/acc_decomposed", "class_filters/features_per_class"):
+        assert ddp0[key] == single0[key], key

@@ -14,14 +14,13 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from featurelens.callbacks import AnalysisCallback, AnalysisContext
 from featurelens.errors import ConfigError
 from featurelens.module import Classifier
 from featurelens.results import write_json
-from featurelens.runtime import build_loggers, instantiate_all, run_task, validate_config
+from featurelens.runtime import build, build_loggers, instantiate_all, run_task, validate_config
 from featurelens.train import CONF_DIR, build_net
 
 log = logging.getLogger("featurelens")
@@ -59,7 +58,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     net, data_cfg, epoch, step = load_model(cfg)
     data_cfg = {k: v for k, v in data_cfg.items() if k != "_target_"}
-    datamodule = instantiate({"_target_": "featurelens.data.ImageDataModule", **data_cfg})
+    datamodule = build({"_target_": "featurelens.data.ImageDataModule", **data_cfg})
     analyses: list[AnalysisCallback] = instantiate_all(cfg.get("analysis"))
     if not analyses:
         raise ConfigError("analysis=none: nothing to run; choose e.g. analysis=chirality")
@@ -69,8 +68,11 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         def probe(cb: AnalysisCallback = cb) -> tuple[torch.Tensor, torch.Tensor]:
             return datamodule.probe_set(cb.probe_size, cb.probe_seed)
 
-        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, probe=probe)
+        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, probe=probe, datamodule=datamodule)
         records[cb.name] = cb.run_once(net, ctx)
+        if getattr(cb, "finetune", {}).get("enabled"):
+            accs = cb.run_finetune(net, ctx)
+            log.info("%s: fine-tuned decomposed model, val acc per epoch %s", cb.name, accs)
         log.info("%s: results in %s", cb.name, cb.out_dir)
     for lg in loggers:
         lg.finalize("success")

@@ -85,3 +85,20 @@ def filter_montage(weight: np.ndarray, labels: Sequence[str], path: Path, *, tit
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
+
+
+def heatmap(matrix: np.ndarray, path: Path, *, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """A matrix as an image (e.g. the class × feature selection mask)."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(min(14, 3 + 0.08 * matrix.shape[1]), min(10, 1.5 + 0.25 * matrix.shape[0])))
+    im = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return _save(fig, path)
+
+
+def bar_plot(x: Sequence, heights: Sequence[float], path: Path, *, xlabel: str, ylabel: str, title: str = "") -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(x, heights, width=1.0)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    return _save(fig, path)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -105,10 +106,19 @@ def validate_config(cfg: DictConfig) -> None:
         _check(Path(str(ckpt)).expanduser().is_file(), "ckpt_path", str(ckpt), "no such checkpoint file")
 
 
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, letting a ``ConfigError`` raised by the target through unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, ConfigError):
+            raise e.__cause__ from None
+        raise
+
+
 def instantiate_all(node: DictConfig | None, **kwargs: Any) -> list[Any]:
     """Instantiate every entry of a dict config that has a ``_target_`` (callbacks, loggers, analyses)."""
-    return [instantiate(v, **kwargs) for v in (node or {}).values()
-            if isinstance(v, DictConfig) and "_target_" in v]
+    return [build(v, **kwargs) for v in (node or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
 def build_loggers(cfg: DictConfig) -> list[Logger]:

@@ -10,13 +10,12 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from featurelens.analysis.chirality import compatible_width
 from featurelens.module import Classifier
 from featurelens.results import write_json
-from featurelens.runtime import build_loggers, instantiate_all, run_task, validate_config
+from featurelens.runtime import build, build_loggers, instantiate_all, run_task, validate_config
 
 log = logging.getLogger("featurelens")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/ (editable install)
@@ -31,7 +30,7 @@ def build_net(model_cfg: dict[str, Any], data_cfg: DictConfig) -> tuple[torch.nn
     size = model_cfg.pop("input_size", None)
     if isinstance(size, int):
         model_cfg["image_size"] = size
-    net = instantiate(model_cfg)
+    net = build(model_cfg)
     if size == "auto":
         size = compatible_width(net, data_cfg.image_size, in_channels=data_cfg.channels)
         if size != data_cfg.image_size:
@@ -49,8 +48,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out_dir = Path(cfg.paths.output_dir)
 
     net, model_cfg, input_size = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
-    instantiate(cfg.init)(net)
-    datamodule = instantiate(cfg.data, input_size=input_size)
+    build(cfg.init)(net)
+    datamodule = build(cfg.data, input_size=input_size)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     module = Classifier(
         model_cfg,
@@ -63,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     loggers = build_loggers(cfg)
     callbacks = instantiate_all(cfg.get("callbacks")) + instantiate_all(cfg.get("analysis"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}

@@ -2,5 +2,6 @@
 
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext
 from featurelens.callbacks.chirality import ChiralityCallback
+from featurelens.callbacks.class_filters import ClassFiltersCallback
 
-__all__ = ["AnalysisCallback", "AnalysisContext", "ChiralityCallback"]
+__all__ = ["AnalysisCallback", "AnalysisContext", "ChiralityCallback", "ClassFiltersCallback"]

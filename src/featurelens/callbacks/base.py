@@ -44,6 +44,9 @@ class AnalysisContext:
     loggers: list[Logger] = field(default_factory=list)
     probe: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    datamodule: Any = None  # the ImageDataModule, for analyses that stream over a split
+    shard: tuple[int, int] = (0, 1)  # (rank, world size): streaming analyses split their data across ranks
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 @contextlib.contextmanager
@@ -115,10 +118,11 @@ class AnalysisCallback(pl.Callback):
                   **{f"{self.name}/{k}": v for k, v in values.items() if not isinstance(v, int | float)}}
         record = jsonable(record)
         self.history = [r for r in self.history if r["epoch"] != ctx.epoch] + [record]
-        self.results.append(record)
-        log_scalars(ctx.loggers, {**scalars, "epoch": ctx.epoch}, ctx.step)
-        with analysis_mode(model):
-            self.report(model, ctx, record)
+        if ctx.shard[0] == 0:  # every rank computes (and syncs); rank 0 writes
+            self.results.append(record)
+            log_scalars(ctx.loggers, {**scalars, "epoch": ctx.epoch}, ctx.step)
+            with analysis_mode(model):
+                self.report(model, ctx, record)
         return record
 
     def finish(self, ctx: AnalysisContext) -> dict[str, float]:
@@ -142,7 +146,8 @@ class AnalysisCallback(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                    if k.startswith(("val/", "train/")) and v.numel() == 1}
         return AnalysisContext(self.run_dir, epoch, trainer.global_step, self._final(trainer, epoch), trainer.loggers,
-                               lambda: self._probe_batch(trainer, pl_module), metrics)
+                               lambda: self._probe_batch(trainer, pl_module), metrics, trainer.datamodule,
+                               (trainer.global_rank, trainer.world_size), pl_module.device)
 
     @staticmethod
     def _final(trainer: pl.Trainer, epoch: int) -> bool:
@@ -174,7 +179,8 @@ class AnalysisCallback(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active(trainer):
             return
-        self.results.rewrite(self.history)  # a resumed run continues the restored history
+        if trainer.is_global_zero:
+            self.results.rewrite(self.history)  # a resumed run continues the restored history
         if trainer.global_step == 0 and not any(r["epoch"] == 0 for r in self.history):
             self.analyze(pl_module.net if hasattr(pl_module, "net") else pl_module,
                          self._context(trainer, pl_module, 0))
@@ -187,7 +193,7 @@ class AnalysisCallback(pl.Callback):
         self._maybe_analyze(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._active(trainer) and self.history:
+        if trainer.is_global_zero and self.history:
             self.finish(self._context(trainer, pl_module, self.history[-1]["epoch"]))
 
     def state_dict(self) -> dict[str, Any]:

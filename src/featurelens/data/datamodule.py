@@ -59,6 +59,15 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def _targets(ds: Dataset) -> np.ndarray:
+    """Labels of a dataset without loading its images (tensor datasets, torchvision datasets, subsets)."""
+    if isinstance(ds, Subset):
+        return _targets(ds.dataset)[np.asarray(ds.indices)]
+    if isinstance(ds, TensorImageDataset):
+        return ds.labels.numpy()
+    return np.asarray(ds.targets)
+
+
 def _split_indices(n: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
@@ -89,6 +98,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self.train_eval_set: Dataset | None = None  # the training images without augmentation
 
     # ----------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -142,6 +152,7 @@ class ImageDataModule(pl.LightningDataModule):
             return _augment(x, self.crop_padding, self.flip_aug)
 
         self.train_set = TensorImageDataset(prep(x_train), tensors["train"][1], aug)
+        self.train_eval_set = TensorImageDataset(self.train_set.images, self.train_set.labels)
         self.val_set = TensorImageDataset(prep(tensors["val"][0]), tensors["val"][1])
         self.test_set = TensorImageDataset(prep(tensors["test"][0]), tensors["test"][1])
 
@@ -184,6 +195,7 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ConfigError(f"data.root={str(self.root)!r} has no {missing} folder(s); an imagefolder "
                                   "root needs train/ and val/ (test/ optional) with one folder per class")
             self.train_set, self.val_set = folder("train", True), folder("val", False)
+            self.train_eval_set = folder("train", False)
             self.test_set = folder("test", False) if (self.root / "test").is_dir() else self.val_set
             return
         full_train = self._torchvision(True, self._transform(True))
@@ -192,6 +204,7 @@ class ImageDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.val_size={self.val_size} must be in (0, {len(full_train)})")
         train_idx, val_idx = _split_indices(len(full_train), self.val_size, self.seed)
         self.train_set, self.val_set = Subset(full_train, train_idx), Subset(full_eval, val_idx)
+        self.train_eval_set = Subset(full_eval, train_idx)
         self.test_set = self._torchvision(False, self._transform(False))
 
     # ----------------------------------------------------------------- loaders
@@ -207,6 +220,24 @@ class ImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False)
+
+    def loader(self, dataset: Dataset, batch_size: int | None = None, shard: tuple[int, int] = (0, 1)) -> DataLoader:
+        """An unshuffled loader over ``dataset``; ``shard=(rank, world_size)`` keeps every world_size-th item."""
+        rank, world = shard
+        if world > 1:
+            dataset = Subset(dataset, range(rank, len(dataset), world))
+        return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+    def class_subset(self, n_per_class: int | None, seed: int = 0) -> Dataset:
+        """Up to ``n_per_class`` seeded training images of every class, without augmentation (all if None)."""
+        self.setup("fit")
+        labels = _targets(self.train_eval_set)
+        if n_per_class is None:
+            return self.train_eval_set
+        gen = np.random.default_rng(seed)
+        keep = [gen.permutation(np.flatnonzero(labels == c))[:n_per_class] for c in np.unique(labels)]
+        return Subset(self.train_eval_set, np.sort(np.concatenate(keep)).tolist())
 
     def probe_set(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed, seeded subset of ``n`` validation images (no augmentation) and their labels."""

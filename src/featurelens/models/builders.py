@@ -16,7 +16,7 @@ from torch import nn
 
 from featurelens.errors import ConfigError
 
-TORCHVISION_ARCHS = ("alexnet", "vgg11", "vgg16", "vgg16_bn", "resnet18", "resnet50")
+TORCHVISION_ARCHS = ("alexnet", "vgg11", "vgg16", "vgg16_bn", "resnet18", "resnet34", "resnet50")
 ARCHS = (*TORCHVISION_ARCHS, "mlp", "small_cnn")
 
 
