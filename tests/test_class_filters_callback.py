@@ -67,6 +67,16 @@ def test_analyze_checkpoint_reproduces_the_sets_and_fine_tunes(trained, cfg_fact
     assert len(ft["val_acc_per_epoch"]) == 2 and all(0 <= a <= 1 for a in ft["val_acc_per_epoch"])
 
 
+def test_recomputed_fractional_pass_equals_the_cached_one(trained, cfg_factory):
+    cfg = cfg_factory(f"ckpt_path={trained}/checkpoints/last.ckpt", "logger=none", "analysis=class_filters",
+                      *CF[1:], "analysis.class_filters.cache_mb=0", name="nocache", config_name="analyze")
+    record = analyze(cfg)["class_filters"]
+    last = _records(trained)[-1]
+    for key in ("class_filters/frac0.5/acc_decomposed", "class_filters/frac0.7/set_size_mean",
+                "class_filters/sets", "class_filters/acc_full"):
+        assert record[key] == last[key], key
+
+
 def test_model_without_a_linear_head_is_a_clear_error(tmp_path):
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     ctx = AnalysisContext(tmp_path, 0, 0, datamodule=object())

@@ -1,9 +1,10 @@
 """Class-specific filters and the decomposed final layer per epoch (spec: ``shared/spec/class_filters.md``).
 
 Each analysed epoch streams over a class-balanced subset of the training images (no augmentation, eval
-mode) to select, for every class c, the penultimate features S_c it relies on (two passes when fractional
-k is on), then over the validation split to score the full head, the decomposed heads (every k of
-``k_grid`` and every fraction) and the noise test. All accumulators are ``torchmetrics.Metric``s, so
+mode) to select, for every class c, the penultimate features S_c it relies on (the fractional-k histogram
+needs a second pass, over features cached up to ``cache_mb`` or recomputed), then over the validation
+split to score the full head, the decomposed heads (every k of ``k_grid`` and every fraction) and the
+noise test. All accumulators are ``torchmetrics.Metric``s, so
 under DDP every rank takes its share of the images and the counts are summed across ranks.
 
 Files under ``<run_dir>/analysis/class_filters/``: ``results.jsonl`` (every value and the sets S_c per
@@ -42,7 +43,9 @@ class ClassFiltersCallback(AnalysisCallback):
     with ``f_hist`` (default = f): fractional k; ``n_per_class``: selection images per class (null = all);
     ``head_module``: the final ``nn.Linear`` (default: the last Linear of the model); ``psi_layers``:
     extra module names whose global-average-pooled outputs get the selectivity Ψ; ``reference_indices``:
-    a JSON file of reference sets (list of lists) for ``jaccard_vs_reference``.
+    a JSON file of reference sets (list of lists) for ``jaccard_vs_reference``; ``cache_mb``: the selection
+    features are kept for the fractional pass while they fit in this many MiB, else recomputed by a second
+    forward pass, so memory stays bounded whatever the dataset size.
     """
 
     name = "class_filters"
@@ -52,7 +55,7 @@ class ClassFiltersCallback(AnalysisCallback):
                  fractions: Sequence[float] = (0.5,), f_hist: float | None = None, n_per_class: int | None = 100,
                  selection_seed: int = 0, noise_seed: int = 0, head_module: str | None = None,
                  psi_layers: Sequence[str] = (), reference_indices: str | None = None, figures_every: int = 5,
-                 batch_size: int = 256, finetune: dict[str, Any] | None = None):
+                 batch_size: int = 256, cache_mb: float = 64, finetune: dict[str, Any] | None = None):
         super().__init__(every_n_epochs)
         if k < 1 or any(K < 1 for K in k_grid):
             raise ConfigError(f"analysis.class_filters.k={k}, k_grid={list(k_grid)}: set sizes must be >= 1")
@@ -65,7 +68,7 @@ class ClassFiltersCallback(AnalysisCallback):
         self.n_per_class, self.selection_seed, self.noise_seed = n_per_class, selection_seed, noise_seed
         self.head_module, self.psi_layers = head_module, tuple(psi_layers)
         self.reference = json.loads(Path(reference_indices).read_text()) if reference_indices else None
-        self.figures_every, self.batch_size = figures_every, batch_size
+        self.figures_every, self.batch_size, self.cache_mb = figures_every, batch_size, cache_mb
         self.finetune = {"enabled": False, "epochs": 1, "lr": 1e-4, "head_only": False, **(finetune or {})}
         self.head_name: str | None = None
         self.masks: dict[str, torch.Tensor] = {}
@@ -101,15 +104,24 @@ class ClassFiltersCallback(AnalysisCallback):
 
         stats = cf.ClassFeatureStats(num_classes, dim, ks, self.fractions).to(ctx.device)
         layer_stats: dict[str, cf.ClassFeatureStats] = {}
+        cache: list[tuple[torch.Tensor, torch.Tensor]] | None = []  # features for the 2nd pass, while small
+        cached_bytes = 0
         for a, pooled, y in self._batches(model, ctx, select, modules):
             stats.update(a, y)
+            cached_bytes += a.numel() * a.element_size()
+            if cache is not None and cached_bytes <= self.cache_mb * 2**20:
+                cache.append((a, y))
+            else:
+                cache = None
             for n, feat in pooled.items():
                 if n not in layer_stats:
                     layer_stats[n] = cf.ClassFeatureStats(num_classes, feat.shape[1], (), self.fractions).to(ctx.device)
                 layer_stats[n].update(feat, y)
         st = stats.compute()
         frac_hist = cf.FractionalHistogram(cf.fractional_k1(st["nhist"]), dim=dim).to(ctx.device)
-        for a, _, y in self._batches(model, ctx, select, {"__head__": head}):
+        second_pass = cache if cache is not None else (
+            (a, y) for a, _, y in self._batches(model, ctx, select, {"__head__": head}))
+        for a, y in second_pass:
             frac_hist.update(a, y)
         fh = frac_hist.compute()
 
