@@ -43,6 +43,7 @@ def test_training_run_logs_every_epoch_with_exact_controls(trained):
         assert r[p + "mac_reduction"] == pytest.approx(8 / 3)
         assert 0 <= r[p + "mi_excl_self"] <= r[p + "mi_incl_self"] + 1e-12
         assert r[p + "union"] <= 8
+        assert r[p + "set_size_mean"] == r[p + "frac0.5/set_size_mean"]  # the fractional sets' mean size
     for r in records[1:]:
         # the callback scores the same weights on the same validation images as the module
         assert r[p + "acc_full"] == pytest.approx(r["val/acc"], abs=1e-6)

@@ -163,7 +163,8 @@ class ClassFiltersCallback(AnalysisCallback):
             "features_per_class": float(cf.features_per_class(st["nhist"][frac_index]).double().mean()),
             "set_size_mean": float(masks[f"frac{self.fractions[frac_index]:g}"].sum(1).double().mean()),
             "psi/penultimate": float(psi_med.mean()), "psi_mean/penultimate": float(psi_mean.mean()),
-            **cf.overlap_stats(default), **cf.mutual_info(default),
+            **{k: v for k, v in cf.overlap_stats(default).items() if k != "set_size_mean"},  # = k here
+            **cf.mutual_info(default),
             "noise/acc_at_S": acc["noise_at_S"], "noise/acc_at_rest": acc["noise_at_rest"],
             "weight_align": cf.weight_alignment(weight, default),
             "mac_reduction": cf.head_macs(default, num_classes, dim)[2],
