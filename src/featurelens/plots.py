@@ -102,3 +102,12 @@ def bar_plot(x: Sequence, heights: Sequence[float], path: Path, *, xlabel: str, 
     ax.bar(x, heights, width=1.0)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     return _save(fig, path)
+
+
+def histogram_with_marker(values: Sequence[float], marker: float, path: Path, *, xlabel: str, title: str = "") -> Path:
+    """A histogram of null values (e.g. shuffled n-cuts) with the observed value as a vertical line."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(np.asarray(values, dtype=float), bins=max(5, len(values) // 2), color="grey", alpha=0.7)
+    ax.axvline(marker, color="red", lw=2)
+    ax.set(xlabel=xlabel, ylabel="count", title=title)
+    return _save(fig, path)

@@ -98,7 +98,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check(isinstance(lr, int | float) and math.isfinite(lr) and lr > 0, "optimizer.lr", lr,
                "must be a finite number > 0")
     for name, node in (cfg.get("analysis") or {}).items():
-        if node is not None and "every_n_epochs" in node:
+        if node is not None and node.get("every_n_epochs") is not None:
             _check(_positive_int(node.every_n_epochs), f"analysis.{name}.every_n_epochs", node.every_n_epochs,
                    "must be a positive integer")
     ckpt = cfg.get("ckpt_path")

@@ -3,5 +3,6 @@
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext
 from featurelens.callbacks.chirality import ChiralityCallback
 from featurelens.callbacks.class_filters import ClassFiltersCallback
+from featurelens.callbacks.specialization import SpecializationCallback
 
-__all__ = ["AnalysisCallback", "AnalysisContext", "ChiralityCallback", "ClassFiltersCallback"]
+__all__ = ["AnalysisCallback", "AnalysisContext", "ChiralityCallback", "ClassFiltersCallback", "SpecializationCallback"]

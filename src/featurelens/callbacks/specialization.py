@@ -1,0 +1,154 @@
+"""Local specialization (spec: ``shared/spec/specialization.md``): spectral clusters of units and how
+specialised they are. The measures are in ``analysis.specialization`` (graphs, partitions, n-cut, shuffles),
+``analysis.importance`` (lesions, dataset-example coherence) and ``analysis.featvis`` (feature
+visualisation).
+
+Each analysed epoch builds the weight graph, partitions it and compares its n-cut with ``n_shuffles``
+shuffled networks (``weights``), and does the same without shuffles for the squared-Spearman activation
+graph of ``act_samples`` training images (``activations``). The costly parts, ``importance`` (lesion
+tests against random same-layer sets), ``coherence`` (top dataset examples) and ``visualisation``
+(optimised inputs), run where ``parts`` lists them, by default only in ``analyze.py`` and at the last
+epoch of experiment runs.
+
+Files under ``<run_dir>/analysis/specialization/``: ``results.jsonl``, ``nodes.csv``,
+``labels_<partition>_epoch<E>.npy``, ``shuffles.csv``, ``subclusters_epoch<E>.csv``,
+``cluster_sizes.png`` (layer × cluster sizes), ``ncut_shuffles.png`` (shuffled n-cuts and the true one)
+and, with importance, ``lesion_effects.png``; with visualisation, ``vis_grid.png``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import adjusted_rand_score
+from torch import nn
+
+from featurelens import plots
+from featurelens.analysis import specialization as spec
+from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, wandb_loggers
+from featurelens.errors import ConfigError
+
+PARTS = ("weights", "activations")
+
+
+class SpecializationCallback(AnalysisCallback):
+    """Spectral clusters of the weight and activation graphs and their n-cut against shuffles (+ optional
+    importance and coherence of the sub-clusters). ``every_n_epochs: null`` analyses epoch 0 and the last
+    epoch only (the default: it costs more than the other analyses)."""
+
+    name = "specialization"
+
+    def __init__(self, every_n_epochs: int | None = None, parts: Sequence[str] = ("weights", "activations"),
+                 k: int = 12, n_shuffles: int = 10, shuffle_method: str = "layer", conv_norm: str = "l1",
+                 fold_bn: bool = True, act_samples: int = 1000, corr: str = "spearman",
+                 act_reduction: str = "mean_abs", seed: int = 0, lesion: dict[str, Any] | None = None,
+                 coherence: dict[str, Any] | None = None, vis: dict[str, Any] | None = None,
+                 figures_every: int = 5):
+        super().__init__(every_n_epochs or 10**9)
+        bad = [p for p in parts if p not in PARTS]
+        if bad or not parts:
+            raise ConfigError(f"analysis.specialization.parts={list(parts)}: choose from {list(PARTS)}")
+        if k < 2 or n_shuffles < 0 or act_samples < 2:
+            raise ConfigError(f"analysis.specialization: need k >= 2, n_shuffles >= 0, act_samples >= 2 "
+                              f"(got k={k}, n_shuffles={n_shuffles}, act_samples={act_samples})")
+        if shuffle_method not in ("layer", "layer_nonzero"):
+            raise ConfigError(f"analysis.specialization.shuffle_method={shuffle_method!r}: "
+                              "valid: ['layer', 'layer_nonzero']")
+        self.parts, self.k, self.n_shuffles, self.shuffle_method = tuple(parts), k, n_shuffles, shuffle_method
+        self.graph_kwargs = {"conv_norm": conv_norm, "fold_bn": fold_bn}
+        self.act_samples, self.corr, self.act_reduction, self.seed = act_samples, corr, act_reduction, seed
+        self.lesion = {"n_random": 19, "min_size": 2, "max_prop": 0.99, **(lesion or {})}
+        self.coherence = {"top_n": 10, "skip_first": False, "min_size": 5, "max_prop": 0.75, **(coherence or {})}
+        self.vis = {"steps": 64, "lr": 0.05, "relu_redirect_steps": 16, "n_random": 19, "min_size": 3,
+                    "max_prop": 0.99, "max_sets": 8, **(vis or {})}
+        self.figures_every = figures_every
+        self._prev_labels: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ analysis
+    def _partition_values(self, name: str, adjacency, labels: np.ndarray) -> dict[str, Any]:
+        value = spec.ncut(adjacency, labels)
+        kept = labels[labels >= 0]
+        out = {f"{name}/ncut": value, f"{name}/ave_in_out": spec.ave_in_out(value, self.k),
+               f"{name}/n_isolated": int((labels < 0).sum()),
+               f"{name}/largest_cluster_frac": float(np.bincount(kept).max() / kept.size) if kept.size else None}
+        prev = self._prev_labels.get(name)
+        if prev is not None and prev.shape == labels.shape:
+            out[f"{name}/ari_prev_epoch"] = float(adjusted_rand_score(prev, labels))
+        self._prev_labels[name] = labels
+        return out
+
+    def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
+        try:
+            graph = spec.weight_graph(model, **self.graph_kwargs)
+        except (NotImplementedError, ValueError) as e:
+            raise ConfigError(f"specialization: cannot build the weight graph of {type(model).__name__}: {e}") from None
+        if graph.n <= self.k:
+            raise ConfigError(f"analysis.specialization.k={self.k} must be below the {graph.n} graph nodes")
+        values: dict[str, Any] = {"n_nodes": graph.n, "n_layers": len(graph.layer_sizes)}
+        self._write_nodes(graph)
+        cl = spec.clusterability(graph, self.k, self.n_shuffles, self.seed, shuffle_method=self.shuffle_method)
+        labels = cl["labels"]
+        values.update(self._partition_values("weights", graph.adjacency, labels))
+        values.update({f"weights/{key}": cl[key] for key in ("ncut_shuffled_mean", "ncut_shuffled_std", "ncut_z",
+                                                            "ncut_percentile")})
+        values["weights/shuffled_ncuts"] = cl["shuffled_ncuts"].tolist()
+        values["weights/cluster_sizes"] = self._cluster_sizes(labels, graph.node_layer, len(graph.layer_sizes))
+        self._labels = {"weights": (labels, graph)}
+        np.save(self.out_dir / f"labels_weights_epoch{ctx.epoch}.npy", labels.astype(np.int32))
+        if "activations" in self.parts and ctx.datamodule is not None:
+            act = self._activation_graph(model, graph, ctx)
+            act_labels = spec.spectral_partition(act.adjacency, self.k, self.seed)
+            values.update(self._partition_values("activations", act.adjacency, act_labels))
+            np.save(self.out_dir / f"labels_activations_epoch{ctx.epoch}.npy", act_labels.astype(np.int32))
+            common = np.concatenate([labels[graph.layer_slice(i)] for i in act.weight_layers])
+            keep = (common >= 0) & (act_labels >= 0)
+            values["ari_weights_vs_activations"] = float(adjusted_rand_score(common[keep], act_labels[keep]))
+        return values
+
+    def _activation_graph(self, model: nn.Module, graph: spec.WeightGraph, ctx: AnalysisContext):
+        n_per_class = max(1, -(-self.act_samples // ctx.datamodule.num_classes))
+        subset = ctx.datamodule.class_subset(n_per_class, self.seed)
+        loader = ctx.datamodule.loader(subset)
+        return spec.activation_graph(model, loader, graph, max_samples=self.act_samples, corr=self.corr,
+                                     act_reduction=self.act_reduction, device=ctx.device)
+
+    @staticmethod
+    def _cluster_sizes(labels: np.ndarray, node_layer: np.ndarray, n_layers: int) -> list[list[int]]:
+        k = int(labels.max()) + 1 if (labels >= 0).any() else 0
+        sizes = np.zeros((n_layers, k), dtype=int)
+        kept = labels >= 0
+        np.add.at(sizes, (node_layer[kept], labels[kept]), 1)
+        return sizes.tolist()
+
+    def _write_nodes(self, graph: spec.WeightGraph) -> None:
+        path = self.out_dir / "nodes.csv"
+        if not path.exists():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            pd.DataFrame(graph.node_table()).to_csv(path, index=False)
+
+    # ------------------------------------------------------------------ reporting
+    def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
+        p = "specialization/"
+        shuffles = pd.DataFrame({"partition": "weights", "epoch": ctx.epoch,
+                                 "shuffle_id": range(len(record[p + "weights/shuffled_ncuts"])),
+                                 "ncut": record[p + "weights/shuffled_ncuts"]})
+        path = self.out_dir / "shuffles.csv"
+        shuffles.to_csv(path, mode="a", header=not path.exists(), index=False)
+        if not (ctx.epoch == 0 or ctx.epoch % self.figures_every == 0 or ctx.final):
+            return
+        sizes = np.asarray(record[p + "weights/cluster_sizes"])
+        plots.heatmap(sizes, self.out_dir / "cluster_sizes.png", xlabel="cluster", ylabel="layer (forward order)",
+                      title=f"Weight-graph clusters: units per layer and cluster (k = {self.k})")
+        if record[p + "weights/shuffled_ncuts"]:
+            plots.histogram_with_marker(record[p + "weights/shuffled_ncuts"], record[p + "weights/ncut"],
+                                        self.out_dir / "ncut_shuffles.png", xlabel="n-cut",
+                                        title=f"n-cut vs {self.n_shuffles} shuffled networks (line: trained)")
+        for key in ("cluster_sizes", "ncut_shuffles"):
+            for lg in wandb_loggers(ctx.loggers):
+                if (self.out_dir / f"{key}.png").exists():
+                    lg.log_image(key=f"specialization/{key}", images=[str(self.out_dir / f"{key}.png")],
+                                 step=ctx.step)

@@ -1,0 +1,83 @@
+"""The specialization callback in training and in analyze.py, with a planted modular network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY
+
+from featurelens.analysis import specialization as spec
+from featurelens.analyze import analyze
+from featurelens.errors import ConfigError
+from featurelens.models import build_model
+from featurelens.results import read_results
+from featurelens.train import train
+
+SPEC = ["analysis=[specialization]", "analysis.specialization.k=4", "analysis.specialization.n_shuffles=4",
+        "analysis.specialization.act_samples=64"]
+
+
+def test_training_run_analyses_epoch_0_and_the_last_epoch(cfg_factory):
+    base = [o for o in TINY if not o.startswith("analysis.")]
+    cfg = cfg_factory(*SPEC, "trainer.max_epochs=3", name="train", base=base)
+    train(cfg)
+    out = Path(cfg.paths.output_dir) / "analysis/specialization"
+    records = read_results(out / "results.jsonl")
+    assert [r["epoch"] for r in records] == [0, 3]  # every_n_epochs: null
+    for r in records:
+        assert 0 <= r["specialization/weights/ncut"] <= 4
+        assert 0 < r["specialization/weights/ncut_percentile"] <= 1
+        assert len(r["specialization/weights/shuffled_ncuts"]) == 4
+        assert -1 <= r["specialization/ari_weights_vs_activations"] <= 1
+    assert "specialization/weights/ari_prev_epoch" in records[1]
+    # the logged partition is the one the analysis module gives for the checkpointed weights
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=False)
+    net = build_model("small_cnn", 10, 3, channels=[4, 8])
+    net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
+    expected = spec.clusterability(net.eval(), 4, 4, 0)
+    assert records[1]["specialization/weights/ncut"] == pytest.approx(expected["ncut"], abs=1e-9)
+    assert (np.load(out / "labels_weights_epoch3.npy") == expected["labels"]).all()
+    for name in ("nodes.csv", "shuffles.csv", "cluster_sizes.png", "ncut_shuffles.png"):
+        assert (out / name).is_file(), name
+
+
+def _planted_mlp() -> torch.nn.Module:
+    """784-64-64-64-10 with 4 modules (196 inputs, 16 units per layer, logits 3,3,2,2), no cross weights."""
+    net = build_model("mlp", 10, 1, image_size=28, hidden=[64, 64, 64])
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    sizes = [[196] * 4, [16] * 4, [16] * 4, [16] * 4, [3, 3, 2, 2]]
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lin, ins, outs in zip(linears, sizes[:-1], sizes[1:], strict=True):
+            lin.weight.zero_()
+            i0 = o0 = 0
+            for i, o in zip(ins, outs, strict=True):
+                lin.weight[o0:o0 + o, i0:i0 + i] = torch.rand(o, i, generator=gen) + 0.1
+                i0, o0 = i0 + i, o0 + o
+    return net
+
+
+def test_planted_modular_mlp_is_recovered_by_analyze(cfg_factory, tmp_path):
+    weights = tmp_path / "planted.pth"
+    torch.save(_planted_mlp().state_dict(), weights)
+    cfg = cfg_factory("model=mlp", "model.hidden=[64,64,64]", f"model.weights={weights}", "data=digits",
+                      "logger=none", "analysis=specialization", "analysis.specialization.k=4",
+                      "analysis.specialization.n_shuffles=5", "analysis.specialization.parts=[weights]",
+                      name="planted", config_name="analyze")
+    record = analyze(cfg)["specialization"]
+    assert record["specialization/weights/ncut"] < 1e-6
+    assert record["specialization/weights/ncut_percentile"] == pytest.approx(1 / 6)  # below every shuffle
+    assert record["specialization/weights/ncut_z"] < -5
+
+
+@pytest.mark.parametrize("override", ["analysis.specialization.parts=[lesions]", "analysis.specialization.k=1",
+                                      "analysis.specialization.shuffle_method=rows"])
+def test_bad_specialization_values_are_rejected(cfg_factory, override):
+    from featurelens.runtime import instantiate_all
+
+    cfg = cfg_factory("analysis=specialization", override, base=[])
+    with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
+        instantiate_all(cfg.analysis)
