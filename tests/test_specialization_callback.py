@@ -73,6 +73,28 @@ def test_planted_modular_mlp_is_recovered_by_analyze(cfg_factory, tmp_path):
     assert record["specialization/weights/ncut_z"] < -5
 
 
+def test_all_parts_run_on_a_checkpoint(cfg_factory):
+    base = [o for o in TINY if not o.startswith("analysis.")]
+    cfg = cfg_factory(*SPEC, "model.channels=[8,16]", "trainer.max_epochs=1", name="train", base=base)
+    train(cfg)
+    an = cfg_factory(f"ckpt_path={cfg.paths.output_dir}/checkpoints/last.ckpt", "logger=none", *SPEC,
+                     "analysis.specialization.parts=[weights,activations,importance,coherence,visualisation]",
+                     "analysis.specialization.coherence.min_size=2", "analysis.specialization.vis.steps=4",
+                     "analysis.specialization.vis.relu_redirect_steps=2", "analysis.specialization.vis.n_random=3",
+                     "analysis.specialization.vis.max_sets=2", name="all", config_name="analyze")
+    record = analyze(an)["specialization"]
+    p = "specialization/weights/"
+    assert record[p + "importance/n_eligible"] >= 1
+    assert 0 < record[p + "importance/fisher_p_mean"] <= 1
+    assert record[p + "coherence/dataset/n_sets"] >= 1 and 0 < record[p + "coherence/dataset/fisher_p"] <= 1
+    assert record[p + "coherence/vis_score/n_sets"] >= 1
+    out = Path(an.paths.output_dir) / "analysis/specialization"
+    table = __import__("pandas").read_csv(out / "subclusters_epoch1.csv")
+    assert set(table.part) == {"importance", "coherence_dataset", "coherence_vis"}
+    assert ((table.p_mean.dropna() >= 0.05) & (table.p_mean.dropna() <= 1)).all()
+    assert (out / "vis_grid.png").is_file()
+
+
 @pytest.mark.parametrize("override", ["analysis.specialization.parts=[lesions]", "analysis.specialization.k=1",
                                       "analysis.specialization.shuffle_method=rows"])
 def test_bad_specialization_values_are_rejected(cfg_factory, override):

@@ -111,3 +111,19 @@ def histogram_with_marker(values: Sequence[float], marker: float, path: Path, *,
     ax.axvline(marker, color="red", lw=2)
     ax.set(xlabel=xlabel, ylabel="count", title=title)
     return _save(fig, path)
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: Path, *, title: str = "") -> Path:
+    """Images (H, W, C) in [0, 1] in a row-major grid, each with a caption."""
+    n = len(images)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, caption in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1), cmap="gray")
+        ax.set_title(caption, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)

@@ -496,6 +496,9 @@ def _as_csr(adjacency: Any) -> sp.csr_matrix:
     return a
 
 
+_DENSE_FRACTION = 0.05  # graphs denser than this are clustered as dense arrays
+
+
 def spectral_partition(adjacency: Any, k: int, seed: int = 0, n_init: int | None = None) -> np.ndarray:
     """Spectral clustering of a symmetric non-negative affinity matrix (spec §2.4).
 
@@ -520,6 +523,10 @@ def spectral_partition(adjacency: Any, k: int, seed: int = 0, n_init: int | None
     if not 1 <= k < n_keep:
         raise ValueError(f"need 1 <= k < number of non-isolated nodes, got k={k} with {n_keep} nodes")
     sub = a[keep][:, keep]
+    if sub.nnz > _DENSE_FRACTION * n_keep**2:
+        # ARPACK's shift-invert factorises the Laplacian: a sparse LU of a dense-ish graph (a ResNet's
+        # 4,800 channels hold ~21% of all pairs) fills in and runs out of memory, a dense LU does not.
+        sub = sub.toarray()
     sc = SpectralClustering(n_clusters=k, affinity="precomputed", eigen_solver="arpack", assign_labels="kmeans",
                             n_init=default_n_init(n) if n_init is None else n_init, random_state=int(seed))
     with warnings.catch_warnings():

@@ -23,15 +23,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
 from featurelens import plots
+from featurelens.analysis import featvis
+from featurelens.analysis import importance as imp
 from featurelens.analysis import specialization as spec
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, wandb_loggers
+from featurelens.data.datamodule import targets as targets_of
 from featurelens.errors import ConfigError
 
-PARTS = ("weights", "activations")
+PARTS = ("weights", "activations", "importance", "coherence", "visualisation")
 
 
 class SpecializationCallback(AnalysisCallback):
@@ -98,7 +102,20 @@ class SpecializationCallback(AnalysisCallback):
         values["weights/cluster_sizes"] = self._cluster_sizes(labels, graph.node_layer, len(graph.layer_sizes))
         self._labels = {"weights": (labels, graph)}
         np.save(self.out_dir / f"labels_weights_epoch{ctx.epoch}.npy", labels.astype(np.int32))
-        if "activations" in self.parts and ctx.datamodule is not None:
+        needs_data = {"activations", "importance", "coherence", "visualisation"} & set(self.parts)
+        if needs_data and ctx.datamodule is None:
+            raise RuntimeError(f"specialization parts {sorted(needs_data)} need the data module")
+        if needs_data:
+            ctx.datamodule.setup("fit")
+        subclusters: list[dict[str, Any]] = []
+        if "importance" in self.parts:
+            rows, summary = imp.importance(
+                model, graph, labels, ctx.datamodule.loader(ctx.datamodule.val_set), ctx.datamodule.num_classes,
+                n_random=self.lesion["n_random"], min_size=self.lesion["min_size"],
+                max_prop=self.lesion["max_prop"], seed=self.seed, device=ctx.device)
+            subclusters += [{"part": "importance", **r} for r in rows]
+            values.update({f"weights/importance/{k}": v for k, v in summary.items()})
+        if {"activations", "coherence"} & set(self.parts):
             act = self._activation_graph(model, graph, ctx)
             act_labels = spec.spectral_partition(act.adjacency, self.k, self.seed)
             values.update(self._partition_values("activations", act.adjacency, act_labels))
@@ -106,7 +123,98 @@ class SpecializationCallback(AnalysisCallback):
             common = np.concatenate([labels[graph.layer_slice(i)] for i in act.weight_layers])
             keep = (common >= 0) & (act_labels >= 0)
             values["ari_weights_vs_activations"] = float(adjusted_rand_score(common[keep], act_labels[keep]))
+            if "coherence" in self.parts:
+                rows, summary = self._dataset_coherence(graph, labels, act, ctx)
+                subclusters += rows
+                values.update({f"weights/coherence/dataset/{k}": v for k, v in summary.items()})
+        if "visualisation" in self.parts:
+            rows, summary = self._visualisation(model, graph, labels, ctx)
+            subclusters += rows
+            values.update({f"weights/coherence/{k}": v for k, v in summary.items()})
+        if subclusters:
+            pd.DataFrame(subclusters).to_csv(self.out_dir / f"subclusters_epoch{ctx.epoch}.csv", index=False)
         return values
+
+    def _dataset_coherence(self, graph: spec.WeightGraph, labels: np.ndarray, act, ctx: AnalysisContext):
+        """§2.7 dataset examples: entropy of the labels of each sub-cluster's top training images."""
+        n = act.samples.shape[0]
+        subset = ctx.datamodule.class_subset(max(1, -(-self.act_samples // ctx.datamodule.num_classes)), self.seed)
+        targets = torch.as_tensor(targets_of(subset)[:n])
+        scores = torch.as_tensor(act.samples)
+        rows, pvalues, effects = [], [], []
+        offsets = np.concatenate([[0], np.cumsum(act.layer_sizes)])
+        for i, layer in enumerate(act.weight_layers):
+            clusters = imp.layer_clusters(graph, labels, layer)
+            if not clusters:
+                continue
+            candidates = torch.as_tensor(np.flatnonzero(~graph.isolated[graph.layer_slice(layer)]))
+            layer_rows, _ = imp.dataset_coherence(
+                scores[:, offsets[i]:offsets[i + 1]], targets, list(clusters.values()),
+                top_n=self.coherence["top_n"], skip_first=self.coherence["skip_first"],
+                n_random=self.lesion["n_random"], min_size=self.coherence["min_size"],
+                max_prop=self.coherence["max_prop"], seed=self.seed + layer, candidates=candidates)
+            cluster_ids = list(clusters)
+            for r in layer_rows:
+                rows.append({"part": "coherence_dataset", "layer": graph.layer_names[layer],
+                             "cluster": cluster_ids[r["set"]], **r})
+                pvalues.append(r["p"])
+                effects.append(r["effect"])
+        return rows, self._combine(pvalues, effects)
+
+    def _visualisation(self, model: nn.Module, graph: spec.WeightGraph, labels: np.ndarray, ctx: AnalysisContext):
+        """§2.7 feature visualisation of up to ``vis.max_sets`` sub-clusters against random same-size sets."""
+        dm = ctx.datamodule
+        mean = torch.tensor(dm.mean, device=ctx.device).view(1, -1, 1, 1)
+        std = torch.tensor(dm.std, device=ctx.device).view(1, -1, 1, 1)
+        kwargs = {k: self.vis[k] for k in ("steps", "lr", "relu_redirect_steps")}
+        rows, budget, grid = [], self.vis["max_sets"], []
+        stats: dict[str, list[list[float]]] = {"vis_score": [[], []], "vis_entropy": [[], []]}
+        for layer in imp.eligible_layers(graph):
+            clusters = imp.layer_clusters(graph, labels, layer)
+            sets = list(clusters.values())[:budget]
+            if not sets or graph.z_modules[layer] is None:
+                continue
+            z_module = model.get_submodule(graph.z_modules[layer])
+            candidates = torch.as_tensor(np.flatnonzero(~graph.isolated[graph.layer_slice(layer)]))
+            layer_rows, _ = featvis.vis_coherence(
+                model, z_module, sets, int(graph.layer_sizes[layer]), candidates, n_random=self.vis["n_random"],
+                seed=self.seed + layer, min_size=self.vis["min_size"], max_frac=self.vis["max_prop"],
+                size=dm.input_size, channels=dm.channels, preprocess=lambda x: (x - mean) / std, **kwargs)
+            budget -= len(layer_rows)
+            cluster_ids = list(clusters)
+            for r in layer_rows:
+                rows.append({"part": "coherence_vis", "layer": graph.layer_names[layer],
+                             "cluster": cluster_ids[r["set_index"]], **r})
+                for stat in stats:
+                    stats[stat][0].append(r[f"p_{stat}"])
+                    stats[stat][1].append(r[f"effect_{stat}"])
+            if layer_rows and len(grid) < 4:
+                images, *_ = featvis.visualise(model, z_module, [sets[r["set_index"]] for r in layer_rows[:4]],
+                                               size=dm.input_size, channels=dm.channels,
+                                               preprocess=lambda x: (x - mean) / std, seed=self.seed, **kwargs)
+                grid += [(f"{graph.layer_names[layer]} #{r['set_index']}", img) for r, img in zip(
+                    layer_rows[:4], images, strict=True)]
+            if budget <= 0:
+                break
+        if grid:
+            plots.image_grid([img.permute(1, 2, 0).numpy() for _, img in grid], [t for t, _ in grid],
+                             self.out_dir / "vis_grid.png", title="Feature visualisations of sub-clusters")
+        summary = {}
+        for stat, (pvalues, effects) in stats.items():
+            summary.update({f"{stat}/{k}": v for k, v in self._combine(pvalues, effects).items()})
+        return rows, summary
+
+    def _combine(self, pvalues: list[float], effects: list[float]) -> dict[str, float]:
+        """Shifted Fisher combination of the sub-clusters' percentiles and the mean effect (spec §2.6)."""
+        p = np.asarray([v for v in pvalues if v is not None and np.isfinite(v)], dtype=float)
+        e = np.asarray([v for v in effects if v is not None and np.isfinite(v)], dtype=float)
+        out: dict[str, float] = {"n_sets": int(p.size)}
+        if p.size:
+            fisher = spec.fisher_combine(p, n_random=self.lesion["n_random"])
+            out.update(fisher_p=float(fisher.pvalue), fisher_stat=float(fisher.fisher_stat))
+        if e.size:
+            out["effect"] = float(e.mean())
+        return out
 
     def _activation_graph(self, model: nn.Module, graph: spec.WeightGraph, ctx: AnalysisContext):
         n_per_class = max(1, -(-self.act_samples // ctx.datamodule.num_classes))

@@ -59,10 +59,10 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
-def _targets(ds: Dataset) -> np.ndarray:
+def targets(ds: Dataset) -> np.ndarray:
     """Labels of a dataset without loading its images (tensor datasets, torchvision datasets, subsets)."""
     if isinstance(ds, Subset):
-        return _targets(ds.dataset)[np.asarray(ds.indices)]
+        return targets(ds.dataset)[np.asarray(ds.indices)]
     if isinstance(ds, TensorImageDataset):
         return ds.labels.numpy()
     return np.asarray(ds.targets)
@@ -232,7 +232,7 @@ class ImageDataModule(pl.LightningDataModule):
     def class_subset(self, n_per_class: int | None, seed: int = 0) -> Dataset:
         """Up to ``n_per_class`` seeded training images of every class, without augmentation (all if None)."""
         self.setup("fit")
-        labels = _targets(self.train_eval_set)
+        labels = targets(self.train_eval_set)
         if n_per_class is None:
             return self.train_eval_set
         gen = np.random.default_rng(seed)
