@@ -12,6 +12,12 @@ per k with the full head's, mean ± sd over seeds, plus union, overlap, MI and M
 k), ``class_filters_depth.{csv,md}`` (features per class, set size, Ψ and decomposed accuracy per model
 and depth, with the Spearman correlation of depth against both readings of "proportional to depth":
 the absolute count K(0.5) and the share K(0.5)/D) and ``class_filters_acc_vs_k.png``.
+For local specialization (epoch 0 = random init, and the final epoch = trained): ``specialization.{csv,md}``
+per model × data × state: n-cut, z and percentile against shuffles for the weight partition, the activation
+partition's n-cut and its agreement with the weights (ARI), and for each statistic (importance: mean and
+range; coherence: dataset examples, visualisation score and entropy) the share of significant
+sub-clusters (percentile 0.05), the mean shifted-Fisher p over seeds combined by the Bates CDF, and
+Benjamini–Hochberg at q = 0.05 over all cells.
 """
 
 from __future__ import annotations
@@ -209,6 +215,79 @@ def class_filters_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
     return [*written, out / "class_filters_depth.csv", out / "class_filters_depth.md"]
 
 
+SPEC_STATS = {  # cell statistic -> (record key under specialization/weights/, subclusters part, p column)
+    "importance_mean": ("importance/fisher_p_mean", "importance", "p_mean"),
+    "importance_range": ("importance/fisher_p_range", "importance", "p_range"),
+    "coherence_dataset": ("coherence/dataset/fisher_p", "coherence_dataset", "p"),
+    "coherence_vis_score": ("coherence/vis_score/fisher_p", "coherence_vis", "p_vis_score"),
+    "coherence_vis_entropy": ("coherence/vis_entropy/fisher_p", "coherence_vis", "p_vis_entropy"),
+}
+
+
+def specialization_frame(jobs: list[Path]) -> pd.DataFrame:
+    """One row per job and analysed epoch, labelled ``init`` (epoch 0) or ``trained`` (the last epoch)."""
+    rows = []
+    p = "specialization/"
+    for job in jobs:
+        out = job / "analysis" / "specialization"
+        records = read_results(out / "results.jsonl") if (out / "results.jsonl").exists() else []
+        if not records:
+            continue
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        last = max(r["epoch"] for r in records)
+        for r in records:
+            if r["epoch"] not in (0, last):
+                continue
+            row = {"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "seed": cfg.seed,
+                   "state": "init" if r["epoch"] == 0 else "trained",
+                   **{k.removeprefix(p): v for k, v in r.items() if k.startswith(p) and isinstance(v, int | float)}}
+            table = out / f"subclusters_epoch{r['epoch']}.csv"
+            sub = pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["part"])
+            for stat, (_, part, col) in SPEC_STATS.items():
+                cells = sub.loc[sub.part == part, col].dropna() if col in sub else pd.Series(dtype=float)
+                row[f"{stat}/frac_significant"] = float((cells <= 0.05).mean()) if len(cells) else np.nan
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
+    from featurelens.analysis.specialization import bates_cdf, benjamini_hochberg
+
+    out.mkdir(parents=True, exist_ok=True)
+    w = "weights/"
+    rows = []
+    for (model, data, state), g in frame.groupby(["model", "data", "state"]):
+        row = {"model": model, "data": data, "state": state, "n_seeds": g.seed.nunique(),
+               "ncut": _mean_sd(g[w + "ncut"]), "ncut_z": g.get(w + "ncut_z", pd.Series(dtype=float)).mean(),
+               "ncut_percentile": g.get(w + "ncut_percentile", pd.Series(dtype=float)).mean()}
+        if "activations/ncut" in g:
+            row["act_ncut"] = _mean_sd(g["activations/ncut"])
+            row["ari_w_vs_act"] = g["ari_weights_vs_activations"].mean()
+        for stat, (key, _, _) in SPEC_STATS.items():
+            if w + key in g and g[w + key].notna().any():
+                pbar = g[w + key].dropna().mean()
+                row[f"{stat}/p"] = bates_cdf(pbar, int(g[w + key].notna().sum()))
+                row[f"{stat}/frac_significant"] = g[f"{stat}/frac_significant"].mean()
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    p_cols = [c for c in table.columns if c.endswith("/p")]
+    lines = ["# Local specialization: weight partitions at init and after training", "",
+             "n-cut against shuffled networks (percentile: share of shuffles below, 1/(n+1) = all above); for each",
+             "statistic the Bates-combined Fisher p over seeds and the share of sub-clusters at the minimum",
+             "percentile 0.05.", ""]
+    if p_cols:
+        flat = table[p_cols].to_numpy().ravel()
+        finite = flat[np.isfinite(flat)]
+        crit, _ = benjamini_hochberg(finite, 0.05) if finite.size else (0.0, None)
+        for c in p_cols:
+            table[c.replace("/p", "/significant_BH")] = table[c] <= crit if crit > 0 else False
+        lines += [f"Benjamini–Hochberg over {finite.size} cells at q = 0.05: critical p = {crit:.4g}.", ""]
+    table.to_csv(out / "specialization.csv", index=False)
+    lines.append(table.to_markdown(index=False, floatfmt=".4g"))
+    (out / "specialization.md").write_text("\n".join(lines) + "\n")
+    return [out / "specialization.csv", out / "specialization.md"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep (multirun) directories")
@@ -229,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     cf_frame = class_filters_frame(jobs)
     if not cf_frame.empty:
         written += class_filters_tables(cf_frame, args.out)
+    spec_frame = specialization_frame(jobs)
+    if not spec_frame.empty:
+        written += specialization_tables(spec_frame, args.out)
     if not written:
         print(f"make_tables: error: no analysis results in {len(jobs)} finished jobs", file=sys.stderr)
         return 1

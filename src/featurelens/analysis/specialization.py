@@ -40,8 +40,8 @@ Contents
   feature maps are never stored) and computes the squared rank correlation ``r^2`` (Spearman: average ranks
   for ties, then Pearson of the ranks, via one ``U x U`` matmul).  :func:`activation_graph` hooks the ``z``
   module of every unit group (the BN folded into a conv, else the conv/linear itself) and runs the probe data.
-* **Statistics helpers** (§2.5, §2.6) -- :func:`percentile_left` / :func:`percentile_right` (strict
-  inequalities: ties count against significance), :func:`fisher_combine` (``scipy.stats.combine_pvalues``
+* **Statistics helpers** (§2.5, §2.6) -- :func:`percentile_left` / :func:`percentile_right` (ties
+  counted against significance), :func:`fisher_combine` (``scipy.stats.combine_pvalues``
   with the optional discrete centring shift), :func:`bates_cdf`, :func:`benjamini_hochberg`
   (``scipy.stats.false_discovery_control``; nothing significant -> ``p_crit = 0``).
 
@@ -869,16 +869,24 @@ def activation_graph(model: nn.Module, data: Iterable[Any], graph: WeightGraph |
 
 
 def percentile_left(value: float, null: Sequence[float] | np.ndarray) -> float:
-    """Left-sided percentile ``(1 + #{r : null_r < value}) / (n + 1)``: strict, so ties count against
-    significance; the minimum is ``1/(n+1)`` (spec §2.5, §2.6, §10 "Ties")."""
+    """Left-sided percentile ``(1 + #{r : null_r <= value}) / (n + 1)``; the minimum ``1/(n+1)`` needs ``value``
+    strictly below every null value.
+
+    The spec writes the count with ``<`` and says ties must count *against* significance (§2.6, §10 "Ties":
+    "conservative"). With ``<`` a value tied with its whole null gets the minimum, the most significant
+    percentile: on discrete statistics (top-10 label entropies, accuracies on small test sets) a random
+    partition then came out "significant" for 92% of its sub-clusters. Counting ties keeps the stated
+    intent: a tie never makes a set look special, and the null stays calibrated (project reading).
+    """
     null = np.asarray(null, dtype=np.float64)
-    return float((1 + np.sum(null < value)) / (null.size + 1))
+    return float((1 + np.sum(null <= value)) / (null.size + 1))
 
 
 def percentile_right(value: float, null: Sequence[float] | np.ndarray) -> float:
-    """Right-sided percentile ``(1 + #{r : null_r > value}) / (n + 1)`` (spec §2.6, ``p_range``)."""
+    """Right-sided percentile ``(1 + #{r : null_r >= value}) / (n + 1)`` (``p_range``, the visualisation score);
+    ties count against significance as in :func:`percentile_left`."""
     null = np.asarray(null, dtype=np.float64)
-    return float((1 + np.sum(null > value)) / (null.size + 1))
+    return float((1 + np.sum(null >= value)) / (null.size + 1))
 
 
 @dataclass(frozen=True)
