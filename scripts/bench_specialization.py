@@ -41,6 +41,26 @@ def graph_rows(skip_resnet50: bool) -> list[tuple[str, str]]:
     return rows
 
 
+def lesion_rows() -> list[tuple[str, str]]:
+    """Lesion test of 20 unit sets (1 + 19 random) on the default small CNN over 1,000 shapes images."""
+    from featurelens.analysis.importance import lesion_test, lesion_test_naive
+    from featurelens.data import ImageDataModule
+    from featurelens.models import build_model
+
+    dm = ImageDataModule("shapes", root="data")
+    dm.setup("fit")
+    net = build_model("small_cnn", 10, 3).eval()
+    gen = torch.Generator().manual_seed(0)
+    sets = [torch.randperm(64, generator=gen)[:16] for _ in range(20)]
+    loader = dm.loader(dm.val_set)
+    rows = []
+    for label, fn in (("prefix-shared", lesion_test), ("one full pass per set", lesion_test_naive)):
+        _, seconds = timed(fn, net, loader, "features.8", sets, 10)
+        rows.append((f"lesion test, 20 sets of 16 channels at features.8, 1,000 images: {label}",
+                     f"{seconds:.2f} s ({20 * len(dm.val_set) / seconds:.0f} lesioned images/s)"))
+    return rows
+
+
 def default_run_rows() -> list[tuple[str, str]]:
     """Training epoch time of the default run vs one call of the specialization callback as configured."""
     from hydra import compose, initialize_config_dir
@@ -72,7 +92,7 @@ def main() -> None:
     parser.add_argument("--skip-resnet50", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = graph_rows(args.skip_resnet50) + default_run_rows()
+    rows = graph_rows(args.skip_resnet50) + lesion_rows() + default_run_rows()
     print(f"\n## Local specialization, CPU, torch threads {torch.get_num_threads()}\n")
     print("| measurement | result |\n|---|---|")
     for label, value in rows:

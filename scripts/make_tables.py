@@ -242,10 +242,13 @@ def specialization_frame(jobs: list[Path]) -> pd.DataFrame:
                    "state": "init" if r["epoch"] == 0 else "trained",
                    **{k.removeprefix(p): v for k, v in r.items() if k.startswith(p) and isinstance(v, int | float)}}
             table = out / f"subclusters_epoch{r['epoch']}.csv"
-            sub = pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["part"])
-            for stat, (_, part, col) in SPEC_STATS.items():
-                cells = sub.loc[sub.part == part, col].dropna() if col in sub else pd.Series(dtype=float)
-                row[f"{stat}/frac_significant"] = float((cells <= 0.05).mean()) if len(cells) else np.nan
+            sub = pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["part", "partition"])
+            for partition in ("weights", "activations"):
+                for stat, (_, part, col) in SPEC_STATS.items():
+                    mine = sub[(sub.part == part) & (sub.partition == partition)]
+                    cells = mine[col].dropna() if col in mine else pd.Series(dtype=float)
+                    row[f"{partition}/{stat}/frac_significant"] = float((cells <= 0.05).mean()) if len(cells) \
+                        else np.nan
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -254,24 +257,27 @@ def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
     from featurelens.analysis.specialization import bates_cdf, benjamini_hochberg
 
     out.mkdir(parents=True, exist_ok=True)
-    w = "weights/"
     rows = []
     for (model, data, state), g in frame.groupby(["model", "data", "state"]):
-        row = {"model": model, "data": data, "state": state, "n_seeds": g.seed.nunique(),
-               "ncut": _mean_sd(g[w + "ncut"]), "ncut_z": g.get(w + "ncut_z", pd.Series(dtype=float)).mean(),
-               "ncut_percentile": g.get(w + "ncut_percentile", pd.Series(dtype=float)).mean()}
-        if "activations/ncut" in g:
-            row["act_ncut"] = _mean_sd(g["activations/ncut"])
-            row["ari_w_vs_act"] = g["ari_weights_vs_activations"].mean()
-        for stat, (key, _, _) in SPEC_STATS.items():
-            if w + key in g and g[w + key].notna().any():
-                pbar = g[w + key].dropna().mean()
-                row[f"{stat}/p"] = bates_cdf(pbar, int(g[w + key].notna().sum()))
-                row[f"{stat}/frac_significant"] = g[f"{stat}/frac_significant"].mean()
-        rows.append(row)
+        for partition in ("weights", "activations"):
+            w = partition + "/"
+            if w + "ncut" not in g or g[w + "ncut"].isna().all():
+                continue
+            row = {"model": model, "data": data, "state": state, "partition": partition,
+                   "n_seeds": g.seed.nunique(), "ncut": _mean_sd(g[w + "ncut"])}
+            if partition == "weights":
+                row.update(ncut_z=g[w + "ncut_z"].mean(), ncut_percentile=g[w + "ncut_percentile"].mean())
+            if "ari_weights_vs_activations" in g:
+                row["ari_w_vs_act"] = g["ari_weights_vs_activations"].mean()
+            for stat, (key, _, _) in SPEC_STATS.items():
+                if w + key in g and g[w + key].notna().any():
+                    pbar = g[w + key].dropna().mean()
+                    row[f"{stat}/p"] = bates_cdf(pbar, int(g[w + key].notna().sum()))
+                    row[f"{stat}/frac_significant"] = g[f"{w}{stat}/frac_significant"].mean()
+            rows.append(row)
     table = pd.DataFrame(rows)
     p_cols = [c for c in table.columns if c.endswith("/p")]
-    lines = ["# Local specialization: weight partitions at init and after training", "",
+    lines = ["# Local specialization: weight and activation partitions at init and after training", "",
              "n-cut against shuffled networks (percentile: share of shuffles below, 1/(n+1) = all above); for each",
              "statistic the Bates-combined Fisher p over seeds and the share of sub-clusters at the minimum",
              "percentile 0.05.", ""]

@@ -91,8 +91,10 @@ def test_all_parts_run_on_a_checkpoint(cfg_factory):
     out = Path(an.paths.output_dir) / "analysis/specialization"
     table = __import__("pandas").read_csv(out / "subclusters_epoch1.csv")
     assert set(table.part) == {"importance", "coherence_dataset", "coherence_vis"}
+    assert set(table.partition) == {"weights", "activations"}
+    assert 0 < record["specialization/activations/importance/fisher_p_mean"] <= 1
     assert ((table.p_mean.dropna() >= 0.05) & (table.p_mean.dropna() <= 1)).all()
-    assert (out / "vis_grid.png").is_file()
+    assert (out / "vis_grid_weights.png").is_file() and (out / "vis_grid_activations.png").is_file()
 
 
 @pytest.mark.parametrize("override", ["analysis.specialization.parts=[lesions]", "analysis.specialization.k=1",

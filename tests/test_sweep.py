@@ -81,3 +81,25 @@ def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):
     for key in ("class_filters/sets", "class_filters/n_images", "class_filters/acc_full",
                 "class_filters/k3/acc_decomposed", "class_filters/features_per_class"):
         assert ddp0[key] == single0[key], key
+
+
+def test_specialization_sweep_builds_the_init_vs_trained_table(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    args = ["-m", "model=mlp", "model.hidden=[16,16]", "data=digits", "seed=0,1", "trainer.max_epochs=1",
+            "logger=none", "test=false", "callbacks.progress_bar.refresh_rate=0", "analysis=[specialization]",
+            "analysis.specialization.parts=[weights,activations,importance,coherence]",
+            "analysis.specialization.k=4", "analysis.specialization.n_shuffles=3",
+            "analysis.specialization.act_samples=100", "analysis.specialization.coherence.min_size=2",
+            f"hydra.sweep.dir={tmp_path}/sweep"]
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                         cwd=tmp_path, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    table = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
+                            "--out", str(tmp_path / "tables")], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr
+    csv = pd.read_csv(tmp_path / "tables/specialization.csv")
+    assert sorted(zip(csv.state, csv.partition, strict=True)) == [
+        ("init", "activations"), ("init", "weights"), ("trained", "activations"), ("trained", "weights")]
+    assert (csv.n_seeds == 2).all()
+    assert csv["importance_mean/p"].between(0, 1).all() and csv["coherence_dataset/p"].between(0, 1).all()
+    assert "Benjamini" in (tmp_path / "tables/specialization.md").read_text()

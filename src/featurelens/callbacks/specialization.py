@@ -13,7 +13,8 @@ epoch of experiment runs.
 Files under ``<run_dir>/analysis/specialization/``: ``results.jsonl``, ``nodes.csv``,
 ``labels_<partition>_epoch<E>.npy``, ``shuffles.csv``, ``subclusters_epoch<E>.csv``,
 ``cluster_sizes.png`` (layer × cluster sizes), ``ncut_shuffles.png`` (shuffled n-cuts and the true one)
-and, with importance, ``lesion_effects.png``; with visualisation, ``vis_grid.png``.
+and, with visualisation, ``vis_grid_<partition>.png``. With ``activations`` in ``parts`` the importance and
+coherence statistics are computed for both partitions (``specialization/<partition>/…``).
 """
 
 from __future__ import annotations
@@ -100,21 +101,14 @@ class SpecializationCallback(AnalysisCallback):
                                                             "ncut_percentile")})
         values["weights/shuffled_ncuts"] = cl["shuffled_ncuts"].tolist()
         values["weights/cluster_sizes"] = self._cluster_sizes(labels, graph.node_layer, len(graph.layer_sizes))
-        self._labels = {"weights": (labels, graph)}
         np.save(self.out_dir / f"labels_weights_epoch{ctx.epoch}.npy", labels.astype(np.int32))
+        partitions = {"weights": labels}
         needs_data = {"activations", "importance", "coherence", "visualisation"} & set(self.parts)
         if needs_data and ctx.datamodule is None:
             raise RuntimeError(f"specialization parts {sorted(needs_data)} need the data module")
+        act = None
         if needs_data:
             ctx.datamodule.setup("fit")
-        subclusters: list[dict[str, Any]] = []
-        if "importance" in self.parts:
-            rows, summary = imp.importance(
-                model, graph, labels, ctx.datamodule.loader(ctx.datamodule.val_set), ctx.datamodule.num_classes,
-                n_random=self.lesion["n_random"], min_size=self.lesion["min_size"],
-                max_prop=self.lesion["max_prop"], seed=self.seed, device=ctx.device)
-            subclusters += [{"part": "importance", **r} for r in rows]
-            values.update({f"weights/importance/{k}": v for k, v in summary.items()})
         if {"activations", "coherence"} & set(self.parts):
             act = self._activation_graph(model, graph, ctx)
             act_labels = spec.spectral_partition(act.adjacency, self.k, self.seed)
@@ -123,17 +117,42 @@ class SpecializationCallback(AnalysisCallback):
             common = np.concatenate([labels[graph.layer_slice(i)] for i in act.weight_layers])
             keep = (common >= 0) & (act_labels >= 0)
             values["ari_weights_vs_activations"] = float(adjusted_rand_score(common[keep], act_labels[keep]))
-            if "coherence" in self.parts:
-                rows, summary = self._dataset_coherence(graph, labels, act, ctx)
-                subclusters += rows
-                values.update({f"weights/coherence/dataset/{k}": v for k, v in summary.items()})
-        if "visualisation" in self.parts:
-            rows, summary = self._visualisation(model, graph, labels, ctx)
-            subclusters += rows
-            values.update({f"weights/coherence/{k}": v for k, v in summary.items()})
+            if "activations" in self.parts:  # the activation partition as labels of the weight graph's nodes
+                as_nodes = np.full(graph.n, -1, dtype=np.int64)
+                as_nodes[np.concatenate([np.arange(graph.n)[graph.layer_slice(i)] for i in act.weight_layers])] = \
+                    act_labels
+                partitions["activations"] = as_nodes
+        subclusters: list[dict[str, Any]] = []
+        for name, part_labels in partitions.items():
+            rows, summary = self._subcluster_statistics(model, graph, name, part_labels, act, ctx)
+            subclusters += [{"partition": name, **r} for r in rows]
+            values.update({f"{name}/{k}": v for k, v in summary.items()})
         if subclusters:
             pd.DataFrame(subclusters).to_csv(self.out_dir / f"subclusters_epoch{ctx.epoch}.csv", index=False)
         return values
+
+    def _subcluster_statistics(self, model: nn.Module, graph: spec.WeightGraph, partition: str,
+                               labels: np.ndarray, act, ctx: AnalysisContext,
+                               ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Importance and coherence of one partition's sub-clusters (the parts that ``parts`` lists)."""
+        rows: list[dict[str, Any]] = []
+        summary: dict[str, Any] = {}
+        if "importance" in self.parts:
+            imp_rows, imp_summary = imp.importance(
+                model, graph, labels, ctx.datamodule.loader(ctx.datamodule.val_set), ctx.datamodule.num_classes,
+                n_random=self.lesion["n_random"], min_size=self.lesion["min_size"],
+                max_prop=self.lesion["max_prop"], seed=self.seed, device=ctx.device)
+            rows += [{"part": "importance", **r} for r in imp_rows]
+            summary.update({f"importance/{k}": v for k, v in imp_summary.items()})
+        if "coherence" in self.parts:
+            coh_rows, coh_summary = self._dataset_coherence(graph, labels, act, ctx)
+            rows += coh_rows
+            summary.update({f"coherence/dataset/{k}": v for k, v in coh_summary.items()})
+        if "visualisation" in self.parts:
+            vis_rows, vis_summary = self._visualisation(model, graph, partition, labels, ctx)
+            rows += vis_rows
+            summary.update({f"coherence/{k}": v for k, v in vis_summary.items()})
+        return rows, summary
 
     def _dataset_coherence(self, graph: spec.WeightGraph, labels: np.ndarray, act, ctx: AnalysisContext):
         """§2.7 dataset examples: entropy of the labels of each sub-cluster's top training images."""
@@ -161,7 +180,8 @@ class SpecializationCallback(AnalysisCallback):
                 effects.append(r["effect"])
         return rows, self._combine(pvalues, effects)
 
-    def _visualisation(self, model: nn.Module, graph: spec.WeightGraph, labels: np.ndarray, ctx: AnalysisContext):
+    def _visualisation(self, model: nn.Module, graph: spec.WeightGraph, partition: str, labels: np.ndarray,
+                       ctx: AnalysisContext):
         """§2.7 feature visualisation of up to ``vis.max_sets`` sub-clusters against random same-size sets."""
         dm = ctx.datamodule
         mean = torch.tensor(dm.mean, device=ctx.device).view(1, -1, 1, 1)
@@ -198,7 +218,8 @@ class SpecializationCallback(AnalysisCallback):
                 break
         if grid:
             plots.image_grid([img.permute(1, 2, 0).numpy() for _, img in grid], [t for t, _ in grid],
-                             self.out_dir / "vis_grid.png", title="Feature visualisations of sub-clusters")
+                             self.out_dir / f"vis_grid_{partition}.png",
+                             title=f"Feature visualisations of {partition}-partition sub-clusters")
         summary = {}
         for stat, (pvalues, effects) in stats.items():
             summary.update({f"{stat}/{k}": v for k, v in self._combine(pvalues, effects).items()})
