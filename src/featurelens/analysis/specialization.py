@@ -506,8 +506,8 @@ def spectral_partition(adjacency: Any, k: int, seed: int = 0, n_init: int | None
     Degree-0 nodes are removed first and get label ``-1``; the remaining graph is clustered by
     ``SpectralClustering(n_clusters=k, affinity="precomputed", eigen_solver="arpack", assign_labels="kmeans",
     n_init=n_init, random_state=seed)``, all else default; graphs above 20,000 nodes use ``eigen_solver="lobpcg"``
-    (spec §4), and graphs with more than 5% of all pairs as edges are passed as dense arrays.  ``n_init`` defaults to :func:`default_n_init` of the
-    full node count.  sklearn's "graph is not fully connected" warning is silenced (disconnected graphs are
+    (spec §4), and graphs with more than 5% of all pairs as edges are passed as dense arrays.  ``n_init``
+    defaults to :func:`default_n_init` of the full node count.  sklearn's "graph is not fully connected" warning is silenced (disconnected graphs are
     expected, e.g. planted modules); callers log ``n_isolated`` / ``largest_cluster_frac`` instead.
 
     Returns:
