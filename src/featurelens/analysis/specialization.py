@@ -507,8 +507,9 @@ def spectral_partition(adjacency: Any, k: int, seed: int = 0, n_init: int | None
     ``SpectralClustering(n_clusters=k, affinity="precomputed", eigen_solver="arpack", assign_labels="kmeans",
     n_init=n_init, random_state=seed)``, all else default; graphs above 20,000 nodes use ``eigen_solver="lobpcg"``
     (spec §4), and graphs with more than 5% of all pairs as edges are passed as dense arrays.  ``n_init``
-    defaults to :func:`default_n_init` of the full node count.  sklearn's "graph is not fully connected" warning is silenced (disconnected graphs are
-    expected, e.g. planted modules); callers log ``n_isolated`` / ``largest_cluster_frac`` instead.
+    defaults to :func:`default_n_init` of the full node count.  sklearn's "graph is not fully connected" warning
+    is silenced (disconnected graphs are expected, e.g. planted modules); callers log ``n_isolated`` /
+    ``largest_cluster_frac`` instead.
 
     Returns:
         int64 labels of length ``n`` in ``{-1, 0..k-1}``.
