@@ -73,18 +73,7 @@ def filter_montage(weight: np.ndarray, labels: Sequence[str], path: Path, *, tit
     img = w.transpose(0, 2, 3, 1) if w.shape[1] == 3 else w.mean(axis=1)[..., None].repeat(3, axis=-1)
     lo, hi = img.min(axis=(1, 2, 3), keepdims=True), img.max(axis=(1, 2, 3), keepdims=True)
     img = (img - lo) / np.maximum(hi - lo, 1e-12)
-    n = len(img)
-    cols = min(16, n)
-    rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(0.9 * cols, 1.05 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, im, label in zip(axes.flat, img, labels, strict=False):
-        ax.imshow(im, interpolation="nearest")
-        ax.set_title(label, fontsize=6)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    return _save(fig, path)
+    return image_grid(list(img), labels, path, title=title, max_cols=16, cell=(0.9, 1.05), fontsize=6)
 
 
 def heatmap(matrix: np.ndarray, path: Path, *, xlabel: str, ylabel: str, title: str = "") -> Path:
@@ -113,17 +102,19 @@ def histogram_with_marker(values: Sequence[float], marker: float, path: Path, *,
     return _save(fig, path)
 
 
-def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: Path, *, title: str = "") -> Path:
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: Path, *, title: str = "",
+               max_cols: int = 4, cell: tuple[float, float] = (2.2, 2.4), fontsize: int = 7) -> Path:
     """Images (H, W, C) in [0, 1] in a row-major grid, each with a caption."""
     n = len(images)
-    cols = min(4, n)
+    cols = min(max_cols, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, img, caption in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1), cmap="gray")
-        ax.set_title(caption, fontsize=7)
+        ax.imshow(np.clip(img.squeeze(-1) if img.shape[-1] == 1 else img, 0, 1), cmap="gray",
+                  interpolation="nearest")
+        ax.set_title(caption, fontsize=fontsize)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=fontsize + 2)
     return _save(fig, path)
