@@ -1,0 +1,236 @@
+"""Network dissection (spec dissection.md §2, oracles §6): streaming == brute force, planted units, rotation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from featurelens.analysis.dissection import (
+    IoUTally,
+    UnitQuantiles,
+    dissect,
+    iou,
+    random_rotation,
+    unique_detectors,
+    unit_labels,
+)
+from featurelens.data.broden import BrodenDataset
+from featurelens.data.synthbroden import write_synthbroden
+
+torch.set_num_threads(2)
+N_IMAGES, SIZE = 20, 32
+
+
+@pytest.fixture(scope="module")
+def broden(tmp_path_factory):
+    root = write_synthbroden(tmp_path_factory.mktemp("synthbroden"), n_images=N_IMAGES, size=SIZE, seed=0)
+    ds = BrodenDataset(root)
+    items = [ds[i] for i in range(len(ds))]
+    return ds, items
+
+
+@pytest.fixture(scope="module")
+def broden64(tmp_path_factory):
+    """64 px (masks 32x32, planted maps 16x16): 32 px masks are too coarse for 2x pooled blobs (IoU ~0.5)."""
+    root = write_synthbroden(tmp_path_factory.mktemp("synthbroden64"), n_images=N_IMAGES, size=64, seed=0)
+    ds = BrodenDataset(root)
+    return ds, [ds[i] for i in range(len(ds))]
+
+
+class ListData(torch.utils.data.Dataset):
+    def __init__(self, items, categories, label_names):
+        self.items, self.categories, self.label_names = items, categories, label_names
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _label_masks(labels, sh, sw, num_labels):
+    """Brute force L_c(x) (C+1, sh, sw) bool: OR over layers, image-level = whole grid, label 0 dropped."""
+    L = np.zeros((num_labels, sh, sw), dtype=bool)
+    for t in labels.values():
+        t = t.numpy()
+        if t.ndim == 1:
+            for c in t:
+                L[c] = True
+        else:
+            for layer in t:
+                for c in np.unique(layer):
+                    L[c] |= layer == c
+    L[0] = False
+    return L
+
+
+def _brute_force(acts, labels, T, num_labels, prim, K):
+    U = acts.shape[1]
+    I = np.zeros((U, num_labels), np.int64)
+    G = np.zeros(num_labels, np.int64)
+    Ap = np.zeros((U, K), np.int64)
+    Al = np.zeros((U, K), np.int64)
+    for x in range(acts.shape[0]):
+        sh, sw = next(t.shape[-2:] for t in labels[x].values() if t.ndim == 3)
+        L = _label_masks(labels[x], sh, sw, num_labels)
+        S = F.interpolate(acts[x:x + 1].float(), size=(sh, sw), mode="bilinear", align_corners=False)[0]
+        S = S.numpy().astype(np.float64)
+        present_cats = {prim[c] for c in range(1, num_labels) if L[c].any() and prim[c] >= 0}
+        for k in range(U):
+            M = S[k] > T[k]
+            for kap in present_cats:
+                Ap[k, kap] += M.sum()
+            overl = set()
+            for c in range(1, num_labels):
+                inter = int((M & L[c]).sum())
+                I[k, c] += inter
+                if inter > 0 and prim[c] >= 0:
+                    overl.add(prim[c])
+            for kap in overl:
+                Al[k, kap] += M.sum()
+        G += L.reshape(num_labels, -1).sum(1)
+    return I, G, Ap, Al
+
+
+def test_streaming_equals_brute_force(broden):
+    ds, items = broden
+    items = items[:8]
+    data = ListData(items, ds.categories, ds.label_names)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)  # 32 px -> 8x8 raw maps, masks 16x16
+    res = dissect(conv, conv, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=3)
+
+    with torch.no_grad():
+        acts = conv(torch.stack([x for x, _ in items]))
+    raw = acts.transpose(0, 1).reshape(4, -1).double().numpy()
+    expect_T = np.quantile(raw, 0.95, axis=1, method="linear")
+    np.testing.assert_allclose(res["thresholds"].numpy(), expect_T, rtol=1e-6)
+
+    K = len(ds.categories)
+    I, G, Ap, Al = _brute_force(acts, [lab for _, lab in items], res["thresholds"].numpy(), ds.num_labels,
+                                ds.primary_category, K)
+    t = res["tally"]
+    assert torch.equal(t["intersection"], torch.from_numpy(I))
+    assert torch.equal(t["label_count"], torch.from_numpy(G))
+    assert torch.equal(t["act_paper"], torch.from_numpy(Ap))
+    assert torch.equal(t["act_lite"], torch.from_numpy(Al))
+    # label 0 never counts; bounds; lite >= paper
+    assert int(t["label_count"][0]) == 0 and int(t["intersection"][:, 0].abs().sum()) == 0
+    ip, il = res["iou"], iou(t, ds.primary_category, "lite")
+    assert (ip[:, 0] == 0).all() and (ip >= 0).all() and (ip <= 1).all()
+    assert (il >= ip - 1e-12).all()
+    # table layout
+    tab = res["table"]
+    assert list(tab.columns[:4]) == ["unit", "category", "label", "score"]
+    assert "object-iou" in tab.columns and "color-truth" in tab.columns
+    assert sorted(tab["unit"]) == [1, 2, 3, 4] and tab["score"].is_monotonic_decreasing
+
+
+def test_quantiles_streaming_and_per_unit_q():
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(5, 3, 4, 4, generator=g) for _ in range(4)]
+    q = [0.01, 0.1, 0.3]
+    m = UnitQuantiles(3, 4 * 5 * 16, q)
+    for c in chunks:
+        m.update(c)
+    allv = torch.cat(chunks).transpose(0, 1).reshape(3, -1).double().numpy()
+    expect = [np.quantile(allv[k], 1 - q[k], method="linear") for k in range(3)]
+    np.testing.assert_allclose(m.compute().numpy(), expect, rtol=1e-9)
+
+
+def test_label_zero_and_image_level():
+    prim = np.array([-1, 0, 1])
+    t = IoUTally(1, 3, prim, num_categories=2)
+    acts = torch.zeros(1, 1, 2, 2)
+    acts[0, 0, 0, 0] = 1.0
+    labels = [{"object": torch.tensor([[[0, 1], [0, 0]]]), "scene": torch.tensor([2])}]
+    t.update(acts, labels, torch.tensor([0.5]), mask_size=(2, 2))
+    d = t.compute()
+    assert d["label_count"].tolist() == [0, 1, 4]
+    M = (F.interpolate(acts, size=(2, 2), mode="bilinear", align_corners=False) > 0.5).sum().item()
+    assert d["intersection"][0].tolist() == [0, 0, M]
+
+
+def _planted(items, ds, n_noise=4, seed=0):
+    """Per image: channel j = 2x2 average-pooled ground-truth mask of concept c_j; then uniform-noise channels."""
+    num_labels = ds.num_labels
+    blob = {ds.categories.index(c) for c in ("object", "material")}  # parts (rims) are too thin for 2x pooling
+    pix = [(lab, next(t.shape[-2:] for t in lab.values() if t.ndim == 3)) for _, lab in items]
+    masks = [torch.from_numpy(_label_masks(lab, sh, sw, num_labels)) for lab, (sh, sw) in pix]
+    cover = torch.stack(masks).float().mean(dim=(0, 2, 3))  # dataset pixel fraction per label
+    cats = {c for _, lab in items for cat, t in lab.items() if t.ndim == 3 for c in t.unique().tolist()}
+    # pixel concepts with coverage in [0.8%, 4%]: detectable (coverage < q/tau needs q ~ coverage, spec §3.3)
+    concepts = [c for c in range(1, num_labels) if c in cats and ds.primary_category[c] in blob
+                and 0.008 <= cover[c] <= 0.04][:4]
+    g = torch.Generator().manual_seed(seed)
+    new = []
+    for (_, lab), L in zip(items, masks, strict=True):
+        planted = F.avg_pool2d(L[concepts].float()[None], 2)[0]
+        noise = torch.rand(n_noise, *planted.shape[-2:], generator=g)
+        new.append((torch.cat([planted, noise]), lab))
+    q = [float(cover[c]) for c in concepts] + [0.01] * n_noise
+    return new, concepts, q
+
+
+def test_planted_units_recovered(broden64):
+    ds, items = broden64
+    new, concepts, q = _planted(items, ds)
+    assert len(concepts) >= 3
+    ident = torch.nn.Identity()
+    res = dissect(ident, ident, ListData(new, ds.categories, ds.label_names), ds.num_labels,
+                  ds.primary_category, q=q, batch_size=6)
+    lab = res["labels"]
+    for j, c in enumerate(concepts):
+        assert int(lab["label"][j]) == c, (j, c, ds.label_names[c])
+        assert float(lab["score"][j]) > 0.5
+    assert (lab["score"][len(concepts):] < 0.04).all()
+    counts = res["counts"]
+    assert counts["unique_B"] >= counts["unique_A"] >= len(concepts)
+    assert (res["iou"][:, 0] == 0).all()
+
+
+def test_rotation_baseline(broden64):
+    ds, items = broden64
+    new, concepts, q = _planted(items, ds, n_noise=12)
+    U = len(q)
+    ident = torch.nn.Identity()
+    data = ListData(new, ds.categories, ds.label_names)
+
+    def run(rot):
+        return dissect(ident, ident, data, ds.num_labels, ds.primary_category, q=q, batch_size=10,
+                       rotation=rot)
+
+    def planted_detectors(res):  # distinct planted concepts that are some unit's top label with score > tau
+        lab = res["labels"]
+        return len({int(c) for c, d in zip(lab["label"], lab["detector"], strict=True)
+                    if d and int(c) in concepts})
+
+    base = run(None)
+    Q1 = random_rotation(U, 1.0, torch.Generator().manual_seed(3))
+    Qh = random_rotation(U, 0.5, torch.Generator().manual_seed(3))
+    for Q in (Q1, Qh):
+        assert torch.allclose(Q @ Q.T, torch.eye(U, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(Qh @ Qh, Q1, atol=1e-6)
+    r0 = run(random_rotation(U, 0.0, torch.Generator().manual_seed(0)))
+    assert all(torch.equal(base["tally"][k], r0["tally"][k]) for k in base["tally"])  # alpha=0: identical
+    mean = {0.0: float(planted_detectors(base))}
+    for alpha in (0.5, 1.0):
+        mean[alpha] = float(np.mean([planted_detectors(run(random_rotation(U, alpha,
+                                                                           torch.Generator().manual_seed(s))))
+                                     for s in range(3)]))
+    assert mean[0.0] == len(concepts)
+    assert mean[0.0] >= mean[0.5] >= mean[1.0]
+    assert mean[1.0] < mean[0.0]
+
+
+def test_counts_method_b_geq_a():
+    g = torch.Generator().manual_seed(0)
+    prim = np.array([-1, 0, 0, 1, 1, 2])
+    for _ in range(20):
+        x = torch.rand(7, 6, generator=g, dtype=torch.float64) * 0.2
+        c = unique_detectors(x, prim, num_categories=3)
+        assert c["unique_B"] >= c["unique_A"]
+        ul = unit_labels(x, prim, num_categories=3)
+        assert (ul["label"] > 0).all()
