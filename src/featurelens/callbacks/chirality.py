@@ -177,7 +177,8 @@ class ChiralityCallback(AnalysisCallback):
             return
         name, weight = convs[0]
         w = weight.detach().double().cpu()
-        rho = (w * chi.mirror(w, "h")).sum(dim=(1, 2, 3)) / (w * w).sum(dim=(1, 2, 3)).clamp_min(1e-300)
+        rho = chi.layer_stats(w, eps=self.eps, flips=("h",))["rho_filter"].nan_to_num(-2.0)  # dead filters last
         order = torch.argsort(rho, descending=True)[:64]
-        plots.filter_montage(w[order].numpy(), [f"{rho[i]:+.2f}" for i in order], self.out_dir / "conv1_by_rho.png",
+        labels = [f"{rho[i]:+.2f}" if rho[i] >= -1 else "zero" for i in order]
+        plots.filter_montage(w[order].numpy(), labels, self.out_dir / "conv1_by_rho.png",
                              title=f"{name} filters sorted by per-filter ρ (pooled over input channels)")
