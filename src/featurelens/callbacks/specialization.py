@@ -157,7 +157,7 @@ class SpecializationCallback(AnalysisCallback):
     def _dataset_coherence(self, graph: spec.WeightGraph, labels: np.ndarray, act, ctx: AnalysisContext):
         """§2.7 dataset examples: entropy of the labels of each sub-cluster's top training images."""
         n = act.samples.shape[0]
-        subset = ctx.datamodule.class_subset(max(1, -(-self.act_samples // ctx.datamodule.num_classes)), self.seed)
+        subset = self._act_subset(ctx)  # the same images, in the same order, as act.samples
         targets = torch.as_tensor(targets_of(subset)[:n])
         scores = torch.as_tensor(act.samples)
         rows, pvalues, effects = [], [], []
@@ -237,10 +237,12 @@ class SpecializationCallback(AnalysisCallback):
             out["effect"] = float(e.mean())
         return out
 
+    def _act_subset(self, ctx: AnalysisContext):
+        """The class-balanced training images behind the activation graph (and dataset coherence)."""
+        return ctx.datamodule.class_subset(max(1, -(-self.act_samples // ctx.datamodule.num_classes)), self.seed)
+
     def _activation_graph(self, model: nn.Module, graph: spec.WeightGraph, ctx: AnalysisContext):
-        n_per_class = max(1, -(-self.act_samples // ctx.datamodule.num_classes))
-        subset = ctx.datamodule.class_subset(n_per_class, self.seed)
-        loader = ctx.datamodule.loader(subset)
+        loader = ctx.datamodule.loader(self._act_subset(ctx))
         return spec.activation_graph(model, loader, graph, max_samples=self.act_samples, corr=self.corr,
                                      act_reduction=self.act_reduction, device=ctx.device)
 
