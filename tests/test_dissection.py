@@ -12,12 +12,16 @@ from featurelens.analysis.dissection import (
     UnitQuantiles,
     dissect,
     iou,
+    make_quantiles,
+    random_init_copy,
     random_rotation,
     unique_detectors,
     unit_labels,
+    unit_masks,
 )
 from featurelens.data.broden import BrodenDataset
 from featurelens.data.synthbroden import write_synthbroden
+from featurelens.models import build_model
 
 torch.set_num_threads(2)
 N_IMAGES, SIZE = 20, 32
@@ -234,3 +238,85 @@ def test_counts_method_b_geq_a():
         assert c["unique_B"] >= c["unique_A"]
         ul = unit_labels(x, prim, num_categories=3)
         assert (ul["label"] > 0).all()
+
+
+def test_quantile_methods_sort_exact_and_subsample_estimate():
+    g = torch.Generator().manual_seed(1)
+    acts = torch.randn(50, 2, 60, 60, generator=g)  # n = 180,000 values per unit
+    n = 50 * 60 * 60
+    flat = acts.transpose(0, 1).reshape(2, -1).double().numpy()
+    expect = np.quantile(flat, 0.995, axis=1, method="linear")
+    results = {}
+    for method, max_bytes in (("exact_topk", 2**30), ("sort", 2**30), ("exact_topk", 3600), ("subsample", 3600)):
+        m, used = make_quantiles(2, n, 0.005, method, max_bytes)
+        for chunk in acts.split(7):
+            m.update(chunk)
+        results[(method, max_bytes)] = (m.compute().numpy(), used)
+    assert results[("exact_topk", 2**30)][1] == "exact_topk" and results[("sort", 2**30)][1] == "sort"
+    np.testing.assert_allclose(results[("exact_topk", 2**30)][0], expect, rtol=1e-9)
+    np.testing.assert_allclose(results[("sort", 2**30)][0], expect, rtol=1e-9)
+    assert UnitQuantiles.buffer_bytes(2, n, 0.005) > 7000
+    for key in (("exact_topk", 3600), ("subsample", 3600)):  # the buffer does not fit: documented estimate
+        est, used = results[key]
+        assert used.startswith("subsample(p=")
+        rank = (flat <= est[:, None]).mean(axis=1)  # the estimate's rank among all values
+        assert np.all(np.abs(rank - 0.995) < 1e-3), rank
+    with pytest.raises(ValueError, match="valid"):
+        make_quantiles(2, n, 0.005, "kll")
+
+
+def test_top_images_and_unit_masks_match_brute_force(broden):
+    ds, items = broden
+    data = ListData(items, ds.categories, ds.label_names)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, 3, stride=4, padding=1)
+    res = dissect(conv, conv, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=6, topn=4,
+                  shard=(0, 1))
+    with torch.no_grad():
+        acts = conv(torch.stack([x for x, _ in items]))
+    peak = acts.flatten(2).amax(dim=2)  # (N, U)
+    expect = peak.argsort(dim=0, descending=True)[:4]
+    assert torch.equal(res["top_images"], expect)
+    # the strips' masks are the tally's M_k
+    x = torch.stack([items[i][0] for i in range(3)])
+    m = unit_masks(conv, conv, x, 2, float(res["thresholds"][2]), (16, 16))
+    S = F.interpolate(acts[:3, 2:3], size=(16, 16), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.equal(m, S.double() > float(res["thresholds"][2]))
+
+
+def test_equivariance_permutation_and_positive_affine(broden):
+    ds, items = broden
+    data = ListData(items[:12], ds.categories, ds.label_names)
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 6, 3, stride=4, padding=1)
+    base = dissect(conv, conv, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=5)
+    perm = torch.randperm(6)
+    permuted = torch.nn.Conv2d(3, 6, 3, stride=4, padding=1)
+    affine = torch.nn.Conv2d(3, 6, 3, stride=4, padding=1)
+    with torch.no_grad():
+        permuted.weight.copy_(conv.weight[perm])
+        permuted.bias.copy_(conv.bias[perm])
+        affine.weight.copy_(2.0 * conv.weight)  # a * A + b with a = 2, b = 2 * bias + 0.5
+        affine.bias.copy_(2.0 * conv.bias + 0.5)
+    res_p = dissect(permuted, permuted, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=5)
+    assert torch.equal(res_p["tally"]["intersection"], base["tally"]["intersection"][perm])
+    assert torch.equal(res_p["labels"]["label"], base["labels"]["label"][perm])
+    res_a = dissect(affine, affine, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=5)
+    for key in ("intersection", "act_paper", "act_lite"):
+        assert torch.equal(res_a["tally"][key], base["tally"][key]), key
+    assert torch.equal(res_a["labels"]["label"], base["labels"]["label"])
+
+
+def test_random_init_net_has_far_fewer_detectors_than_the_planted_model(tmp_path):
+    """200 images: with fewer, chance overlaps let random units pass tau = 0.04 (spec §10, NetDissect #28)."""
+    ds = BrodenDataset(write_synthbroden(tmp_path, n_images=200, size=64, seed=0))
+    items = [ds[i] for i in range(len(ds))]
+    new, concepts, q = _planted(items, ds, n_noise=4)
+    ident = torch.nn.Identity()
+    planted = dissect(ident, ident, ListData(new, ds.categories, ds.label_names), ds.num_labels,
+                      ds.primary_category, q=q, batch_size=50)
+    net = random_init_copy(build_model("small_cnn", 10, channels=[8, 8, 16, 16]), seed=0)
+    data = ListData(items, ds.categories, ds.label_names)
+    rand = dissect(net, net.features[-2], data, ds.num_labels, ds.primary_category, q=0.005, batch_size=50)
+    assert planted["counts"]["unique_A"] >= len(concepts) >= 3
+    assert rand["counts"]["unique_A"] <= planted["counts"]["unique_A"] // 2

@@ -86,9 +86,12 @@ def heatmap(matrix: np.ndarray, path: Path, *, xlabel: str, ylabel: str, title: 
     return _save(fig, path)
 
 
-def bar_plot(x: Sequence, heights: Sequence[float], path: Path, *, xlabel: str, ylabel: str, title: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(x, heights, width=1.0)
+def bar_plot(x: Sequence, heights: Sequence[float], path: Path, *, xlabel: str, ylabel: str, title: str = "",
+             rotate_labels: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.18 * len(x)) if rotate_labels else 7, 3.5))
+    ax.bar(x, heights, width=1.0 if not rotate_labels else 0.8)
+    if rotate_labels:
+        ax.tick_params(axis="x", labelrotation=80, labelsize=7)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     return _save(fig, path)
 

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 __all__ = [
-    "EPS", "IoUTally", "UnitQuantiles", "collate_broden", "dissect", "iou", "random_rotation", "tally_table",
+    "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "collate_broden", "default_layer",
+    "dissect", "iou", "make_quantiles", "random_init_copy", "random_rotation", "resolve_layer", "tally_table",
     "unique_detectors", "unit_labels",
 ]
 
@@ -53,8 +54,14 @@ class UnitQuantiles(Metric):
         q: top fraction, a float or a length-U sequence/tensor (per-unit q, e.g. for planted-unit oracles §6).
 
     Per unit, the m = ⌈max(q)·(n−1)⌉ + 2 largest values seen so far are kept in ``buffer`` (shape (m, U),
-    float64). Memory: 8·m·U bytes (e.g. q=0.005, N=63,305, 7×7, U=2048: m=15,512 -> 254 MB; use float32
-    activations chunked by unit if that is too much). Each update merges buffer ∪ batch and keeps the top m.
+    float32, the activations' own precision, so nothing is rounded). Memory: 4·m·U bytes (e.g. q=0.005,
+    N=63,305, 7×7, U=2048: m=15,512 -> 127 MB). Each update merges buffer ∪ batch and keeps the top m.
+
+    ``keep_all`` keeps every value (``quantile.method: sort``; tests and tiny data only).
+    ``subsample`` = p < 1 is the documented streaming *estimate* for layers whose exact buffer would not fit
+    (``quantile.method: subsample``): each spatial position is kept with probability p (the same positions for
+    all units, seeded), and T_k is the exact quantile of the kept values. Its rank error has standard deviation
+    sqrt(q(1−q)/(p·n)), e.g. 3e-4 for q = 0.005 and p·n = 5·10^4 values per unit; the buffer shrinks by p.
     DDP: ``buffer`` is reduced by "cat" (→ (world·m, U)) and re-top-m'd in :meth:`compute`; ``count`` is summed.
     ``compute`` uses the number of values actually seen; it raises if the buffer cannot hold the needed order
     statistic (n − ⌊r⌋ > m, i.e. more values were seen than ``num_values`` allowed for).
@@ -65,7 +72,7 @@ class UnitQuantiles(Metric):
     higher_is_better = None
 
     def __init__(self, num_units: int, num_values: int, q: float | Sequence[float] | torch.Tensor = 0.005,
-                 **kwargs):
+                 subsample: float = 1.0, seed: int = 0, keep_all: bool = False, **kwargs):
         super().__init__(**kwargs)
         qt = torch.as_tensor(q, dtype=torch.float64)
         if qt.ndim == 0:
@@ -74,21 +81,36 @@ class UnitQuantiles(Metric):
             raise ValueError(f"q must be a float in [0, 1) or a length-{num_units} vector of them")
         if num_values < 1:
             raise ValueError("num_values must be >= 1")
+        if not 0 < subsample <= 1:
+            raise ValueError(f"subsample must be in (0, 1], got {subsample}")
         self.num_units = int(num_units)
         self.num_values = int(num_values)
         self.q = qt
-        self.m = min(int(math.ceil(float(qt.max()) * (num_values - 1))) + 2, num_values)
-        self.add_state("buffer", default=torch.full((self.m, num_units), -math.inf, dtype=torch.float64),
+        self.subsample = float(subsample)
+        # values kept per unit: all of them, or (subsample) a Bernoulli(p) draw, bounded at +8 sd
+        kept = num_values if subsample == 1 else min(
+            num_values, int(subsample * num_values + 8 * math.sqrt(subsample * num_values) + 16))
+        self.m = kept if keep_all else min(int(math.ceil(float(qt.max()) * (kept - 1))) + 2, kept)
+        self._gen = torch.Generator().manual_seed(int(seed))
+        self.add_state("buffer", default=torch.full((self.m, num_units), -math.inf, dtype=torch.float32),
                        dist_reduce_fx="cat")
         self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+
+    @staticmethod
+    def buffer_bytes(num_units: int, num_values: int, q: float) -> int:
+        """Memory of the exact top-m buffer (float32)."""
+        return 4 * num_units * (min(int(math.ceil(q * (num_values - 1))) + 2, num_values))
 
     def update(self, acts: torch.Tensor) -> None:
         """acts: (B, U, H, W) (or (B, U)) raw activations."""
         if acts.shape[1] != self.num_units:
             raise ValueError(f"expected {self.num_units} units, got shape {tuple(acts.shape)}")
-        vals = acts.detach().to(torch.float64).transpose(0, 1).reshape(self.num_units, -1).T  # (n_b, U)
+        vals = acts.detach().to(torch.float32).transpose(0, 1).reshape(self.num_units, -1).T  # (n_b, U)
+        if self.subsample < 1:  # the same positions for every unit
+            keep = torch.rand(vals.shape[0], generator=self._gen) < self.subsample
+            vals = vals[keep.to(vals.device)]
         merged = torch.cat([self.buffer, vals], dim=0)
-        self.buffer = merged.topk(self.m, dim=0).values
+        self.buffer = merged.topk(min(self.m, merged.shape[0]), dim=0).values
         self.count += vals.shape[0]
 
     def compute(self) -> torch.Tensor:
@@ -99,7 +121,7 @@ class UnitQuantiles(Metric):
         n = int(self.count)
         if n == 0:
             raise RuntimeError("UnitQuantiles.compute() before any update")
-        top = buf.topk(min(self.m, buf.shape[0]), dim=0).values  # descending
+        top = buf.topk(min(self.m, buf.shape[0]), dim=0).values.to(torch.float64)  # descending
         q = self.q.to(top.device)
         r = (1 - q) * (n - 1)
         fl = torch.floor(r)
@@ -140,8 +162,9 @@ class IoUTally(Metric):
     higher_is_better = None
 
     def __init__(self, num_units: int, num_labels: int, primary_category, num_categories: int | None = None,
-                 image_level: Sequence[str] = tuple(IMAGE_LEVEL), **kwargs):
+                 image_level: Sequence[str] = tuple(IMAGE_LEVEL), unit_chunk: int = 128, **kwargs):
         super().__init__(**kwargs)
+        self.unit_chunk = max(1, int(unit_chunk))
         prim = torch.as_tensor(np.asarray(primary_category), dtype=torch.int64)
         if prim.shape != (num_labels,):
             raise ValueError(f"primary_category must have {num_labels} entries, got {tuple(prim.shape)}")
@@ -201,48 +224,72 @@ class IoUTally(Metric):
 
     def update(self, acts: torch.Tensor, labels: Sequence[Mapping[str, torch.Tensor]],
                thresholds: torch.Tensor, mask_size: tuple[int, int] | None = None) -> None:
-        """acts (B, U, h, w) raw activations; labels: B dicts {category: tensor}; thresholds (U,)."""
-        if len(labels) != acts.shape[0]:
-            raise ValueError(f"{acts.shape[0]} activation maps but {len(labels)} label dicts")
+        """acts (B, U, h, w) raw activations; labels: B dicts {category: tensor}; thresholds (U,).
+
+        Vectorised over the batch: M (U, B·sh·sw) is built in unit chunks, then gathered at the batch's
+        (image, pixel, label) triples and ``index_add``-ed into the integer tallies.
+        """
+        B = acts.shape[0]
+        if len(labels) != B:
+            raise ValueError(f"{B} activation maps but {len(labels)} label dicts")
         device = acts.device
+        parsed = [self._labels_of(lab, mask_size, device) for lab in labels]
+        if len({size for *_, size in parsed}) > 1:  # mixed mask sizes: one image at a time
+            for b in range(B):
+                self.update(acts[b:b + 1], labels[b:b + 1], thresholds, mask_size)
+            return
+        sh, sw = parsed[0][2]
+        P = sh * sw
+        U, L, K = self.num_units, self.num_labels, self.num_categories
         T = thresholds.to(device=device, dtype=torch.float64)
-        onehot = self._cat_onehot.to(device)
-        U, L = self.num_units, self.num_labels
-        for b in range(acts.shape[0]):
-            ids, img_set, (sh, sw) = self._labels_of(labels[b], mask_size, device)
-            P = sh * sw
-            a = acts[b:b + 1].detach()
-            live = a.reshape(U, -1).amax(dim=1).to(torch.float64) > T  # skip rule (§2.3)
-            M = torch.zeros(U, P, dtype=torch.bool, device=device)
-            if live.any():
-                li = live.nonzero().squeeze(1)
-                S = F.interpolate(a[:, li].float(), size=(sh, sw), mode="bilinear", align_corners=False)
-                M[li] = S[0].reshape(len(li), P).to(torch.float64) > T[li, None]
-            nM = M.sum(dim=1)  # (U,)
-            # per-image intersections I_x (U, C+1)
-            Ix = torch.zeros(U, L, dtype=torch.int64, device=device)
-            Gx = torch.zeros(L, dtype=torch.int64, device=device)
-            if ids.numel():
-                lab, pos = ids // P, ids % P
-                Gx += torch.bincount(lab, minlength=L)
-                if live.any():
-                    Ix.index_add_(1, lab, M[:, pos].to(torch.int64))
-            if img_set.numel():
-                Gx[img_set] += P
-                Ix[:, img_set] += nM[:, None]
-            self.intersection += Ix
-            self.label_count += Gx
-            # paper denominator: categories present in the image
-            present = torch.zeros(L, dtype=torch.bool, device=device)
-            present[Gx > 0] = True
-            cats = (present.float() @ onehot) > 0  # (n_cat,)
-            self.act_paper += nM[:, None] * cats[None, :].to(torch.int64)
-            # lite denominator: M_k overlaps a label of category κ (image-level labels: whole grid)
-            overlap = ((Ix > 0).float() @ onehot) > 0  # (U, n_cat)
-            self.act_lite += nM[:, None] * overlap.to(torch.int64)
-            self.act_total += nM
-            self.pixels += P
-            self.images += 1
+        # S > T (float64) <=> S > T32 for float32 S, with T32 = T rounded down to float32
+        T32 = T.float()
+        T32 = torch.where(T32.double() > T, torch.nextafter(T32, torch.full_like(T32, -math.inf)), T32)
+        a = acts.detach().float()
+        live = a.flatten(2).amax(dim=2) > T32  # (B, U) skip rule (§2.3)
+        M = torch.zeros(U, B, P, dtype=torch.bool, device=device)
+        live_units = live.any(dim=0).nonzero().squeeze(1)
+        chunk = max(1, min(self.unit_chunk, 2**24 // (B * P)))
+        for uc in live_units.split(chunk) if live_units.numel() else ():
+            S = F.interpolate(a[:, uc], size=(sh, sw), mode="bilinear", align_corners=False).reshape(B, len(uc), P)
+            M[uc] = ((S > T32[uc, None]) & live[:, uc, None]).transpose(0, 1)
+        nM = M.sum(dim=2)  # (U, B)
+        M = M.reshape(U, B * P)
+
+        # (image, pixel, label) triples of pixel labels, and (image, label) pairs of image-level labels
+        pix_b = torch.cat([torch.full((len(ids),), b, dtype=torch.int64, device=device)
+                           for b, (ids, _, _) in enumerate(parsed)])
+        ids = torch.cat([ids for ids, _, _ in parsed])
+        lab, flat = ids // P, pix_b * P + ids % P
+        img_b = torch.cat([torch.full((len(s),), b, dtype=torch.int64, device=device)
+                           for b, (_, s, _) in enumerate(parsed)])
+        img_c = torch.cat([s for _, s, _ in parsed])
+        self.label_count += torch.bincount(lab, minlength=L) + P * torch.bincount(img_c, minlength=L)
+
+        prim = self.primary.to(device)
+        pix_k, img_k = prim[lab], prim[img_c]
+        pix_ok, img_ok = pix_k >= 0, img_k >= 0
+        present = torch.zeros(B, K, dtype=torch.bool, device=device)  # paper: image has a label of category k
+        present[pix_b[pix_ok], pix_k[pix_ok]] = True
+        img_present = torch.zeros(B, K, dtype=torch.bool, device=device)
+        img_present[img_b[img_ok], img_k[img_ok]] = True
+        present |= img_present
+        overlap = torch.zeros(U, B * K, dtype=torch.int64, device=device)  # lite: M_k overlaps a k-label pixel
+        ov_key = pix_b[pix_ok] * K + pix_k[pix_ok]
+        if lab.numel():
+            step = max(1, 2**24 // lab.numel())
+            for u0 in range(0, U, step):
+                vals = M[u0:u0 + step][:, flat].to(torch.int64)  # (chunk, n_triples)
+                self.intersection[u0:u0 + step].index_add_(1, lab, vals)
+                overlap[u0:u0 + step].index_add_(1, ov_key, vals[:, pix_ok])
+        if img_c.numel():
+            self.intersection.index_add_(1, img_c, nM[:, img_b])
+        lite = (overlap.reshape(U, B, K) > 0) | img_present[None]
+        self.act_paper += torch.einsum("ub,bk->uk", nM.double(), present.double()).round().long()
+        self.act_lite += torch.einsum("ub,ubk->uk", nM.double(), lite.double()).round().long()
+        self.act_total += nM.sum(dim=1)
+        self.pixels += B * P
+        self.images += B
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {"intersection": self.intersection, "label_count": self.label_count,
@@ -401,62 +448,197 @@ def random_rotation(U: int, alpha: float, generator: torch.Generator | None = No
 # ---------------------------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------------------------
+QUANTILE_METHODS = ("exact_topk", "sort", "subsample")
+
+
+class TopImages(Metric):
+    """The ``k`` images with the highest per-image max activation, per unit (for the top-image strips, §5).
+
+    States ``values`` / ``index`` (k, U), "cat"-reduced across ranks and re-top-k'd in :meth:`compute`.
+    """
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_units: int, k: int = 10, **kwargs):
+        super().__init__(**kwargs)
+        self.k = int(k)
+        self.add_state("values", default=torch.full((self.k, num_units), -math.inf), dist_reduce_fx="cat")
+        self.add_state("index", default=torch.full((self.k, num_units), -1, dtype=torch.int64), dist_reduce_fx="cat")
+
+    def update(self, acts: torch.Tensor, index: torch.Tensor) -> None:
+        """acts (B, U, h, w); index (B,) dataset indices of the images."""
+        peak = acts.detach().float().flatten(2).amax(dim=2)  # (B, U)
+        vals = torch.cat([self.values, peak])
+        idx = torch.cat([self.index, index.to(self.index.device)[:, None].expand_as(peak)])
+        top = vals.topk(min(self.k, vals.shape[0]), dim=0)
+        self.values, self.index = top.values, idx.gather(0, top.indices)
+
+    def compute(self) -> torch.Tensor:
+        """(k, U) dataset indices, best first (−1 where fewer than k images were seen)."""
+        vals, idx = self.values.reshape(-1, self.values.shape[-1]), self.index.reshape(-1, self.index.shape[-1])
+        top = vals.topk(min(self.k, vals.shape[0]), dim=0)
+        return idx.gather(0, top.indices)
+
+
+def make_quantiles(num_units: int, num_values: int, q: float | Sequence[float] = 0.005, method: str = "exact_topk",
+                   max_bytes: int = 2 * 1024**3, seed: int = 0) -> tuple[UnitQuantiles, str]:
+    """The pass-1 Metric for ``quantile.method`` and the method actually used (§2.2).
+
+    ``exact_topk`` is exact while its buffer fits in ``max_bytes`` and otherwise falls back to ``subsample``
+    with the largest p that fits; ``sort`` keeps every value (tests, tiny data); ``subsample`` always estimates,
+    with p chosen so the buffer fits in ``max_bytes`` (p = 1 if it fits anyway).
+    """
+    if method not in QUANTILE_METHODS:
+        raise ValueError(f"quantile.method={method!r} is unknown; valid: {list(QUANTILE_METHODS)}")
+    if method == "sort":
+        return UnitQuantiles(num_units, num_values, q, seed=seed, keep_all=True), "sort"
+    qmax = float(np.max(q))
+    need = UnitQuantiles.buffer_bytes(num_units, num_values, qmax)
+    if need <= max_bytes:
+        return UnitQuantiles(num_units, num_values, q, seed=seed), "exact_topk"
+    p = max_bytes / need
+    return UnitQuantiles(num_units, num_values, q, subsample=p, seed=seed), f"subsample(p={p:.3g})"
+
+
+def default_layer(model: torch.nn.Module) -> str:
+    """The spec's default layer (§4): ResNet ``layer4``; otherwise the last ReLU (else conv) in ``features``
+    (VGG16 conv5_3 + ReLU, AlexNet conv5 + ReLU, the small CNN's last block, the MLP's last hidden layer);
+    otherwise the last conv."""
+    names = dict(model.named_modules())
+    if "layer4" in names:
+        return "layer4"
+    for kinds in ((torch.nn.ReLU,), (torch.nn.Conv2d,)):
+        hits = [n for n, m in names.items() if n.startswith("features.") and isinstance(m, kinds)]
+        if hits:
+            return hits[-1]
+    convs = [n for n, m in names.items() if isinstance(m, torch.nn.Conv2d)]
+    if convs:
+        return convs[-1]
+    raise ValueError(f"{type(model).__name__} has no conv layer to dissect; name one in analysis.dissection.layers")
+
+
+def resolve_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        convs = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d | torch.nn.ReLU)]
+        raise ValueError(f"layer {name!r} is not a module of {type(model).__name__}; e.g. {convs[-6:]}")
+    return modules[name]
+
+
+def random_init_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """The same architecture, untrained: a deep copy with every ``reset_parameters`` re-run under ``seed``
+    (PyTorch's default initialisation; BatchNorm running statistics reset)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in clone.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return clone
+
+
+class _Shard(torch.utils.data.Dataset):
+    """Every ``world``-th item from ``rank`` on, returning ``(x, labels, global index)``."""
+
+    def __init__(self, dataset, rank: int = 0, world: int = 1):
+        self.dataset, self.idx = dataset, range(rank, len(dataset), world)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        j = self.idx[i]
+        x, labels = self.dataset[j]
+        return x, labels, j
+
+
+def _collate_indexed(batch):
+    xs, labels, idx = zip(*batch, strict=True)
+    return torch.stack(list(xs)), list(labels), torch.tensor(idx)
+
+
 def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_labels: int, primary_category,
             q: float | Sequence[float] = 0.005, denominator: str = "paper", device: str | torch.device = "cpu",
             rotation: torch.Tensor | None = None, batch_size: int = 64, tau: float = 0.04,
-            categories: Sequence[str] | None = None, label_names: Sequence[str] | None = None) -> dict:
+            categories: Sequence[str] | None = None, label_names: Sequence[str] | None = None,
+            quantile_method: str = "exact_topk", max_bytes: int = 2 * 1024**3, preprocess=None,
+            shard: tuple[int, int] = (0, 1), topn: int = 0, unit_chunk: int = 128, num_workers: int = 0,
+            progress: bool = False) -> dict:
     """Run both streaming passes (§2.2 thresholds, §2.5 tallies) on ``layer_module``'s output.
 
     Args:
-        data: a Dataset of ``(x, {category: tensor})`` items (wrapped in a DataLoader with
-            :func:`collate_broden`) or a DataLoader yielding ``(x, [labels per image])``. Its dataset must be
-            sized (n = N·H·W is needed before pass 1).
+        data: a sized Dataset of ``(x, {category: tensor})`` items (e.g. :class:`BrodenDataset`); images in
+            [0, 1], passed through ``preprocess`` (the model's own normalisation) before the model.
         rotation: optional (U, U) matrix R; the hooked activations are replaced by R·A per pixel (§2.7).
         categories / label_names: for the table (default: ``data.categories`` / ``data.label_names`` if present).
+        shard: (rank, world size): this process reads every world-th image; the Metrics sync across ranks
+            when torch.distributed is initialised, so every rank returns the same global result.
+        topn: also track the ``topn`` images with the highest max activation per unit (``top_images``).
+        unit_chunk: units upsampled at once in pass 2 (memory: unit_chunk·sh·sw per image).
 
     Returns dict: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1) float64,
     ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None if no
-    names), ``frac_active`` (mean |M|/(N·sh·sw) over units).
+    names), ``frac_active`` (mean |M|/(N·sh·sw) over units), ``quantile_method`` (the method used),
+    ``top_images`` ((topn, U) dataset indices or None).
     """
-    loader = data if isinstance(data, torch.utils.data.DataLoader) else torch.utils.data.DataLoader(
-        data, batch_size=batch_size, shuffle=False, collate_fn=collate_broden)
-    dataset = loader.dataset
-    categories = categories if categories is not None else getattr(dataset, "categories", None)
-    label_names = label_names if label_names is not None else getattr(dataset, "label_names", None)
-    n_images = len(dataset)
+    categories = categories if categories is not None else getattr(data, "categories", None)
+    label_names = label_names if label_names is not None else getattr(data, "label_names", None)
+    loader = torch.utils.data.DataLoader(_Shard(data, *shard), batch_size=batch_size, shuffle=False,
+                                         collate_fn=_collate_indexed, num_workers=num_workers)
+    n_images = len(data)
     device = torch.device(device)
     captured: dict[str, torch.Tensor] = {}
     rot = None if rotation is None else torch.as_tensor(rotation, dtype=torch.float32, device=device)
 
     def hook(_module, _inp, out):
-        a = out[0] if isinstance(out, (tuple, list)) else out
-        a = a.detach().float()
+        a = out[0] if isinstance(out, tuple | list) else out
+        a = a.detach().float().clone()  # clone: an in-place ReLU after the hooked module must not change it
         if a.ndim == 2:
             a = a[:, :, None, None]
         if rot is not None:
             a = torch.einsum("ij,bjhw->bihw", rot, a)
         captured["a"] = a
 
+    def forward(x):
+        x = x.to(device)
+        model(preprocess(x) if preprocess is not None else x)
+        return captured.pop("a")
+
+    def batches(desc):
+        if not progress:
+            return loader
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=desc, leave=False)
+
     was_training = model.training
     model.eval()
     handle = layer_module.register_forward_hook(hook)
     try:
         with torch.no_grad():
-            quant = None
-            for x, _ in loader:
-                model(x.to(device))
-                a = captured.pop("a")
+            quant = top = None
+            for x, _, idx in batches("dissection pass 1/2"):
+                a = forward(x)
                 if quant is None:
-                    quant = UnitQuantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q).to(device)
+                    quant, method = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
+                                                   quantile_method, max_bytes)
+                    quant = quant.to(device)
+                    top = TopImages(a.shape[1], topn).to(device) if topn else None
                 quant.update(a)
+                if top is not None:
+                    top.update(a, idx)
             if quant is None:
                 raise ValueError("empty dataset")
             T = quant.compute()
             K = len(categories) if categories is not None else None
-            tally = IoUTally(a.shape[1], num_labels, primary_category, num_categories=K).to(device)
-            for x, labels in loader:
-                model(x.to(device))
-                tally.update(captured.pop("a"), labels, T)
+            tally = IoUTally(a.shape[1], num_labels, primary_category, num_categories=K,
+                             unit_chunk=unit_chunk).to(device)
+            for x, labels, _ in batches("dissection pass 2/2"):
+                tally.update(forward(x), labels, T)
             t = {k: v.cpu() for k, v in tally.compute().items()}
     finally:
         handle.remove()
@@ -464,8 +646,30 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
     I = iou(t, primary_category, denominator)
     K = tally.num_categories
     out = {"thresholds": T.cpu(), "tally": t, "iou": I, "labels": unit_labels(I, primary_category, tau, K),
-           "counts": unique_detectors(I, primary_category, tau, K),
-           "frac_active": float(t["act_total"].double().mean() / max(int(t["pixels"]), 1)), "table": None}
+           "counts": unique_detectors(I, primary_category, tau, K), "quantile_method": method,
+           "frac_active": float(t["act_total"].double().mean() / max(int(t["pixels"]), 1)), "table": None,
+           "top_images": top.compute().cpu() if top is not None else None}
     if categories is not None and label_names is not None:
         out["table"] = tally_table(t, I, primary_category, label_names, categories, denominator)
     return out
+
+
+def unit_masks(model: torch.nn.Module, layer_module: torch.nn.Module, images: torch.Tensor, unit: int,
+               threshold: float, mask_size: tuple[int, int], preprocess=None) -> torch.Tensor:
+    """M_k(x) (n, sh, sw) bool for one unit on a few images (§2.3: bilinear upsampling, ``S_k > T_k``)."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inp, out):
+        captured.append((out[0] if isinstance(out, tuple | list) else out).detach().float().clone())
+
+    handle = layer_module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(preprocess(images) if preprocess is not None else images)
+    finally:
+        handle.remove()
+    a = captured[0][:, unit:unit + 1]
+    if a.ndim == 2:
+        a = a[:, :, None, None]
+    S = F.interpolate(a, size=tuple(mask_size), mode="bilinear", align_corners=False)[:, 0]
+    return S.to(torch.float64) > threshold
