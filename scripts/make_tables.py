@@ -18,6 +18,9 @@ partition's n-cut and its agreement with the weights (ARI), and for each statist
 range; coherence: dataset examples, visualisation score and entropy) the share of significant
 sub-clusters (percentile 0.05), the mean shifted-Fisher p over seeds combined by the Bates CDF, and
 Benjamini–Hochberg at q = 0.05 over all cells.
+For network dissection: ``dissection_layers.{csv,md}`` (detectors and unique detectors, both counting methods
+and per category, per model × layer at the last epoch, with the random-init and rotation baselines),
+``dissection_epochs.{csv,md}`` and ``dissection_vs_epoch.png`` (unique detectors per epoch and layer).
 """
 
 from __future__ import annotations
@@ -294,6 +297,72 @@ def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
     return [out / "specialization.csv", out / "specialization.md"]
 
 
+DISSECTION_CATS = ("object", "part", "scene", "material", "texture", "color")
+
+
+def dissection_frame(jobs: list[Path]) -> pd.DataFrame:
+    """One row per job, analysed epoch and dissected layer (the primary layer carries the baselines)."""
+    rows = []
+    p = "dissection/"
+    for job in jobs:
+        results = job / "analysis" / "dissection" / "results.jsonl"
+        if not results.exists():
+            continue
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        for r in read_results(results):
+            layers = [k[len(p):-len("/unique_detectors")] for k in r  # dissection/<layer>/unique_detectors
+                      if k.startswith(p) and k.endswith("/unique_detectors") and k.count("/") == 2
+                      and not k.startswith(p + "random_init/")]
+            for i, layer in enumerate(layers):
+                q = f"{p}{layer}/"
+                row = {"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "seed": cfg.seed,
+                       "epoch": r["epoch"], "layer": layer, "primary": i == 0,
+                       "unique_A": r[q + "unique_detectors"], "unique_B": r[q + "unique_detectors_percat"],
+                       "detectors": r[q + "detectors"], "mean_score": r[q + "mean_score"],
+                       **{f"B/{c}": r.get(f"{q}unique/{c}") for c in DISSECTION_CATS}}
+                if i == 0:
+                    row["random_init_unique_A"] = r.get(p + "random_init/unique_detectors")
+                    row.update({k.removeprefix(p + "rotation/").replace("/unique_detectors", "_unique_A"): v
+                                for k, v in r.items() if k.startswith(p + "rotation/alpha_")
+                                and k.endswith("/unique_detectors")})
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def dissection_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
+    """Detectors per layer at the last epoch (with baselines), unique detectors per epoch, and its figure."""
+    out.mkdir(parents=True, exist_ok=True)
+    last = frame[frame.epoch == frame.groupby("job").epoch.transform("max")]
+    rows = []
+    for (model, data, layer), g in last.groupby(["model", "data", "layer"], sort=False):
+        row = {"model": model, "data": data, "layer": layer, "n_seeds": g.seed.nunique(),
+               "detectors": _mean_sd(g.detectors), "unique_A": _mean_sd(g.unique_A), "unique_B": _mean_sd(g.unique_B),
+               **{f"B/{c}": g[f"B/{c}"].mean() for c in DISSECTION_CATS}}
+        for col in sorted(c for c in g.columns if c.startswith(("random_init", "alpha_"))):
+            if g[col].notna().any():
+                row[col] = g[col].mean()
+        rows.append(row)
+    layers = pd.DataFrame(rows)
+    epochs = (frame.groupby(["model", "data", "layer", "epoch"], sort=False)[["unique_A", "unique_B", "detectors"]]
+              .mean().reset_index())
+    header = ["# Network dissection: interpretable units per layer (last epoch)", "",
+              "IoU > 0.04, `denominator: paper`, all six categories; unique_A = distinct top labels (the paper's",
+              "count), unique_B = per-category distinct labels (the released plotting code); B/<cat> per category.",
+              "random_init and alpha_<a> (random rotation, mean over seeds) are method A on the primary layer.", ""]
+    layers.to_csv(out / "dissection_layers.csv", index=False)
+    (out / "dissection_layers.md").write_text("\n".join(header) + layers.to_markdown(index=False, floatfmt=".3g")
+                                              + "\n")
+    epochs.to_csv(out / "dissection_epochs.csv", index=False)
+    (out / "dissection_epochs.md").write_text("# Network dissection: unique detectors per epoch (mean over seeds)\n\n"
+                                             + epochs.to_markdown(index=False, floatfmt=".3g") + "\n")
+    series = {f"{m} {lay} ({d})": g.sort_values("epoch").unique_A.tolist()
+              for (m, d, lay), g in epochs.groupby(["model", "data", "layer"], sort=False)}
+    plots.line_plot(sorted(epochs.epoch.unique()), series, out / "dissection_vs_epoch.png", xlabel="epoch",
+                    ylabel="unique detectors (method A)", title="Interpretable units during training")
+    return [out / "dissection_layers.csv", out / "dissection_layers.md", out / "dissection_epochs.csv",
+            out / "dissection_epochs.md", out / "dissection_vs_epoch.png"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep (multirun) directories")
@@ -317,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     spec_frame = specialization_frame(jobs)
     if not spec_frame.empty:
         written += specialization_tables(spec_frame, args.out)
+    nd_frame = dissection_frame(jobs)
+    if not nd_frame.empty:
+        written += dissection_tables(nd_frame, args.out)
     if not written:
         print(f"make_tables: error: no analysis results in {len(jobs)} finished jobs", file=sys.stderr)
         return 1

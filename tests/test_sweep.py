@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 TINY_CLI = [o for o in TINY if not o.startswith(("model", "trainer.max_epochs"))] + ["trainer.max_epochs=2"]
 
 
-def _sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def _sweep(tmp_path: Path, *args: str, cli: list[str] = TINY_CLI) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args, *TINY_CLI,
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *args, *cli,
                            f"hydra.sweep.dir={tmp_path}/sweep", "test=false"],
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
@@ -103,3 +103,24 @@ def test_specialization_sweep_builds_the_init_vs_trained_table(tmp_path):
     assert (csv.n_seeds == 2).all()
     assert csv["importance_mean/p"].between(0, 1).all() and csv["coherence_dataset/p"].between(0, 1).all()
     assert "Benjamini" in (tmp_path / "tables/specialization.md").read_text()
+
+
+def test_dissection_experiment_sweep_builds_the_layer_and_epoch_tables(tmp_path):
+    res = _sweep(tmp_path, "experiment=dissection_smoke", "model=small_cnn", "model.channels=[4,8]",
+                 "analysis.dissection.layers=[features.5,features.2]", "analysis.dissection.synthbroden.n_images=40",
+                 "analysis.dissection.rotation.seeds=1", "analysis.dissection.rotation.alphas=[0.0,1.0]",
+                 "seed=0,1", cli=[o for o in TINY_CLI if not o.startswith("analysis.")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "tables"
+    table = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
+                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr
+    layers = pd.read_csv(out / "dissection_layers.csv")
+    assert list(layers.layer) == ["features.5", "features.2"] and (layers.n_seeds == 2).all()
+    primary = layers[layers.layer == "features.5"].iloc[0]
+    assert {"random_init_unique_A", "alpha_0_unique_A", "alpha_1_unique_A"} <= set(layers.columns)
+    assert primary.alpha_0_unique_A == float(primary.unique_A.split(" ")[0])  # alpha = 0 is the unrotated count
+    epochs = pd.read_csv(out / "dissection_epochs.csv")
+    assert sorted(epochs.epoch.unique()) == [0, 1, 2] and len(epochs) == 6
+    assert "unique_A" in (out / "dissection_layers.md").read_text()
+    assert (out / "dissection_vs_epoch.png").stat().st_size > 0
