@@ -320,3 +320,16 @@ def test_random_init_net_has_far_fewer_detectors_than_the_planted_model(tmp_path
     rand = dissect(net, net.features[-2], data, ds.num_labels, ds.primary_category, q=0.005, batch_size=50)
     assert planted["counts"]["unique_A"] >= len(concepts) >= 3
     assert rand["counts"]["unique_A"] <= planted["counts"]["unique_A"] // 2
+
+
+def test_batches_without_any_live_unit_add_only_ground_truth(broden):
+    ds, items = broden
+    prim = ds.primary_category
+    t = IoUTally(3, ds.num_labels, prim, num_categories=len(ds.categories))
+    acts = torch.zeros(4, 3, 8, 8)
+    t.update(acts, [lab for _, lab in items[:4]], torch.ones(3))  # max A = 0 <= T = 1: skip rule everywhere
+    d = t.compute()
+    assert int(d["label_count"].sum()) > 0
+    for key in ("intersection", "act_paper", "act_lite", "act_total"):
+        assert int(d[key].abs().sum()) == 0, key
+    assert int(d["images"]) == 4 and int(d["pixels"]) == 4 * 16 * 16

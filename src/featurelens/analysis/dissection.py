@@ -162,9 +162,8 @@ class IoUTally(Metric):
     higher_is_better = None
 
     def __init__(self, num_units: int, num_labels: int, primary_category, num_categories: int | None = None,
-                 image_level: Sequence[str] = tuple(IMAGE_LEVEL), unit_chunk: int = 128, **kwargs):
+                 image_level: Sequence[str] = tuple(IMAGE_LEVEL), **kwargs):
         super().__init__(**kwargs)
-        self.unit_chunk = max(1, int(unit_chunk))
         prim = torch.as_tensor(np.asarray(primary_category), dtype=torch.int64)
         if prim.shape != (num_labels,):
             raise ValueError(f"primary_category must have {num_labels} entries, got {tuple(prim.shape)}")
@@ -226,8 +225,10 @@ class IoUTally(Metric):
                thresholds: torch.Tensor, mask_size: tuple[int, int] | None = None) -> None:
         """acts (B, U, h, w) raw activations; labels: B dicts {category: tensor}; thresholds (U,).
 
-        Vectorised over the batch: M (U, B·sh·sw) is built in unit chunks, then gathered at the batch's
-        (image, pixel, label) triples and ``index_add``-ed into the integer tallies.
+        Sparse and vectorised over the batch: only (image, unit) pairs whose max exceeds T_k (the skip rule) are
+        upsampled; the active pixels of M are joined with the labels of their pixel (a CSR index over the
+        batch's (image, pixel, label) triples) and counted with ``bincount``. Work and memory scale with the
+        number of active pixels (≈ q of all), not with U·B·sh·sw.
         """
         B = acts.shape[0]
         if len(labels) != B:
@@ -246,45 +247,59 @@ class IoUTally(Metric):
         T32 = T.float()
         T32 = torch.where(T32.double() > T, torch.nextafter(T32, torch.full_like(T32, -math.inf)), T32)
         a = acts.detach().float()
-        live = a.flatten(2).amax(dim=2) > T32  # (B, U) skip rule (§2.3)
-        M = torch.zeros(U, B, P, dtype=torch.bool, device=device)
-        live_units = live.any(dim=0).nonzero().squeeze(1)
-        chunk = max(1, min(self.unit_chunk, 2**24 // (B * P)))
-        for uc in live_units.split(chunk) if live_units.numel() else ():
-            S = F.interpolate(a[:, uc], size=(sh, sw), mode="bilinear", align_corners=False).reshape(B, len(uc), P)
-            M[uc] = ((S > T32[uc, None]) & live[:, uc, None]).transpose(0, 1)
-        nM = M.sum(dim=2)  # (U, B)
-        M = M.reshape(U, B * P)
 
-        # (image, pixel, label) triples of pixel labels, and (image, label) pairs of image-level labels
+        # active pixels of M: (image, unit) pairs passing the skip rule (§2.3), upsampled in chunks
+        pairs = (a.flatten(2).amax(dim=2) > T32).nonzero()  # (n_live, 2): image, unit
+        act_b, act_u, act_p = [], [], []
+        chunk = max(1, 2**24 // P)
+        for part in pairs.split(chunk):
+            b, u = part[:, 0], part[:, 1]
+            S = F.interpolate(a[b, u][:, None], size=(sh, sw), mode="bilinear", align_corners=False)
+            i, p = (S.reshape(len(part), P) > T32[u, None]).nonzero(as_tuple=True)
+            act_b.append(b[i])
+            act_u.append(u[i])
+            act_p.append(p)
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        act_b, act_u, act_p = (torch.cat(v) if v else empty for v in (act_b, act_u, act_p))
+        nM = torch.bincount(act_u * B + act_b, minlength=U * B).reshape(U, B)  # |M_k(x)|
+
+        # (image, pixel, label) triples of pixel labels, sorted by image pixel; (image, label) image-level pairs
         pix_b = torch.cat([torch.full((len(ids),), b, dtype=torch.int64, device=device)
                            for b, (ids, _, _) in enumerate(parsed)])
         ids = torch.cat([ids for ids, _, _ in parsed])
         lab, flat = ids // P, pix_b * P + ids % P
+        order = torch.argsort(flat, stable=True)
+        lab, flat = lab[order], flat[order]
         img_b = torch.cat([torch.full((len(s),), b, dtype=torch.int64, device=device)
                            for b, (_, s, _) in enumerate(parsed)])
         img_c = torch.cat([s for _, s, _ in parsed])
         self.label_count += torch.bincount(lab, minlength=L) + P * torch.bincount(img_c, minlength=L)
 
+        # join: every active pixel with every pixel label at that pixel
+        per_pixel = torch.bincount(flat, minlength=B * P)
+        start = torch.cumsum(per_pixel, 0) - per_pixel
+        act_f = act_b * P + act_p
+        reps = per_pixel[act_f]
+        hit_u = torch.repeat_interleave(act_u, reps)
+        hit_b = torch.repeat_interleave(act_b, reps)
+        offset = torch.arange(int(reps.sum()), device=device) - torch.repeat_interleave(torch.cumsum(reps, 0) - reps,
+                                                                                          reps)
+        hit_lab = lab[torch.repeat_interleave(start[act_f], reps) + offset]
+        self.intersection += torch.bincount(hit_u * L + hit_lab, minlength=U * L).reshape(U, L)
+        if img_c.numel():
+            self.intersection.index_add_(1, img_c, nM[:, img_b])
+
         prim = self.primary.to(device)
         pix_k, img_k = prim[lab], prim[img_c]
         pix_ok, img_ok = pix_k >= 0, img_k >= 0
-        present = torch.zeros(B, K, dtype=torch.bool, device=device)  # paper: image has a label of category k
-        present[pix_b[pix_ok], pix_k[pix_ok]] = True
         img_present = torch.zeros(B, K, dtype=torch.bool, device=device)
         img_present[img_b[img_ok], img_k[img_ok]] = True
-        present |= img_present
-        overlap = torch.zeros(U, B * K, dtype=torch.int64, device=device)  # lite: M_k overlaps a k-label pixel
-        ov_key = pix_b[pix_ok] * K + pix_k[pix_ok]
-        if lab.numel():
-            step = max(1, 2**24 // lab.numel())
-            for u0 in range(0, U, step):
-                vals = M[u0:u0 + step][:, flat].to(torch.int64)  # (chunk, n_triples)
-                self.intersection[u0:u0 + step].index_add_(1, lab, vals)
-                overlap[u0:u0 + step].index_add_(1, ov_key, vals[:, pix_ok])
-        if img_c.numel():
-            self.intersection.index_add_(1, img_c, nM[:, img_b])
-        lite = (overlap.reshape(U, B, K) > 0) | img_present[None]
+        present = img_present.clone()  # paper: the image has a label of category k
+        present[(flat // P)[pix_ok], pix_k[pix_ok]] = True
+        hit_k = prim[hit_lab]
+        ok = hit_k >= 0  # lite: M_k(x) overlaps a pixel labelled with category k
+        overlap = torch.bincount((hit_u[ok] * B + hit_b[ok]) * K + hit_k[ok], minlength=U * B * K).reshape(U, B, K)
+        lite = (overlap > 0) | img_present[None]
         self.act_paper += torch.einsum("ub,bk->uk", nM.double(), present.double()).round().long()
         self.act_lite += torch.einsum("ub,ubk->uk", nM.double(), lite.double()).round().long()
         self.act_total += nM.sum(dim=1)
@@ -542,16 +557,20 @@ def random_init_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 class _Shard(torch.utils.data.Dataset):
-    """Every ``world``-th item from ``rank`` on, returning ``(x, labels, global index)``."""
+    """Every ``world``-th item from ``rank`` on, returning ``(x, labels, global index)``; with ``images_only``
+    (pass 1) a dataset that can (``load_image``, e.g. :class:`BrodenDataset`) skips decoding the masks."""
 
-    def __init__(self, dataset, rank: int = 0, world: int = 1):
+    def __init__(self, dataset, rank: int = 0, world: int = 1, images_only: bool = False):
         self.dataset, self.idx = dataset, range(rank, len(dataset), world)
+        self.images_only = images_only and hasattr(dataset, "load_image")
 
     def __len__(self) -> int:
         return len(self.idx)
 
     def __getitem__(self, i):
         j = self.idx[i]
+        if self.images_only:
+            return self.dataset.load_image(j), {}, j
         x, labels = self.dataset[j]
         return x, labels, j
 
@@ -566,7 +585,7 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
             rotation: torch.Tensor | None = None, batch_size: int = 64, tau: float = 0.04,
             categories: Sequence[str] | None = None, label_names: Sequence[str] | None = None,
             quantile_method: str = "exact_topk", max_bytes: int = 2 * 1024**3, preprocess=None,
-            shard: tuple[int, int] = (0, 1), topn: int = 0, unit_chunk: int = 128, num_workers: int = 0,
+            shard: tuple[int, int] = (0, 1), topn: int = 0, num_workers: int = 0,
             progress: bool = False) -> dict:
     """Run both streaming passes (§2.2 thresholds, §2.5 tallies) on ``layer_module``'s output.
 
@@ -578,7 +597,6 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
         shard: (rank, world size): this process reads every world-th image; the Metrics sync across ranks
             when torch.distributed is initialised, so every rank returns the same global result.
         topn: also track the ``topn`` images with the highest max activation per unit (``top_images``).
-        unit_chunk: units upsampled at once in pass 2 (memory: unit_chunk·sh·sw per image).
 
     Returns dict: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1) float64,
     ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None if no
@@ -587,8 +605,10 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
     """
     categories = categories if categories is not None else getattr(data, "categories", None)
     label_names = label_names if label_names is not None else getattr(data, "label_names", None)
-    loader = torch.utils.data.DataLoader(_Shard(data, *shard), batch_size=batch_size, shuffle=False,
-                                         collate_fn=_collate_indexed, num_workers=num_workers)
+    def loader(images_only: bool):
+        return torch.utils.data.DataLoader(_Shard(data, *shard, images_only=images_only), batch_size=batch_size,
+                                           shuffle=False, collate_fn=_collate_indexed, num_workers=num_workers)
+
     n_images = len(data)
     device = torch.device(device)
     captured: dict[str, torch.Tensor] = {}
@@ -608,12 +628,12 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
         model(preprocess(x) if preprocess is not None else x)
         return captured.pop("a")
 
-    def batches(desc):
+    def batches(desc, images_only):
         if not progress:
-            return loader
+            return loader(images_only)
         from tqdm.auto import tqdm
 
-        return tqdm(loader, desc=desc, leave=False)
+        return tqdm(loader(images_only), desc=desc, leave=False)
 
     was_training = model.training
     model.eval()
@@ -621,7 +641,7 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
     try:
         with torch.no_grad():
             quant = top = None
-            for x, _, idx in batches("dissection pass 1/2"):
+            for x, _, idx in batches("dissection pass 1/2", True):
                 a = forward(x)
                 if quant is None:
                     quant, method = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
@@ -635,9 +655,8 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
                 raise ValueError("empty dataset")
             T = quant.compute()
             K = len(categories) if categories is not None else None
-            tally = IoUTally(a.shape[1], num_labels, primary_category, num_categories=K,
-                             unit_chunk=unit_chunk).to(device)
-            for x, labels, _ in batches("dissection pass 2/2"):
+            tally = IoUTally(a.shape[1], num_labels, primary_category, num_categories=K).to(device)
+            for x, labels, _ in batches("dissection pass 2/2", False):
                 tally.update(forward(x), labels, T)
             t = {k: v.cpu() for k, v in tally.compute().items()}
     finally:

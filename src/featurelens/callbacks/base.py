@@ -27,6 +27,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
 
@@ -61,6 +62,27 @@ def analysis_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+def model_preprocess(ctx: AnalysisContext) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[0, 1] images (rendered or generated) -> the model's input: channels, size, training normalisation."""
+    dm = ctx.datamodule
+    if dm is None or not hasattr(dm, "setup"):
+        raise RuntimeError("the model's preprocessing needs a featurelens ImageDataModule")
+    dm.setup("fit")  # idempotent; sets the training normalisation
+    mean = torch.tensor(dm.mean, device=ctx.device).view(1, -1, 1, 1)
+    std = torch.tensor(dm.std, device=ctx.device).view(1, -1, 1, 1)
+    size = int(dm.input_size)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(ctx.device)
+        if dm.channels == 1 and x.shape[1] == 3:
+            x = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return (x - mean) / std
+
+    return prep
 
 
 def wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:

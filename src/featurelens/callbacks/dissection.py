@@ -4,7 +4,7 @@ Every analysed epoch dissects the chosen ``layers`` (default: ResNet ``layer4``,
 ``features``) over a Broden-format concept set: ``broden_dir`` when given (e.g. ``broden1_224``, which users
 download themselves), otherwise the procedural set of ``featurelens.data.synthbroden``, written once per size
 and seed under ``<data_dir>/synthbroden/`` and held in memory. Images go through the model's own
-preprocessing (resize to the model's input size, the training normalisation).
+preprocessing (``model_preprocess``: resize to the model's input size, the training normalisation).
 
 Scalars (primary layer = first entry of ``layers``, also logged per layer as ``dissection/<layer>/<metric>``):
 ``unique_detectors`` (method A), ``unique_detectors_percat`` (method B), ``detectors``, ``unique/<cat>`` and
@@ -36,7 +36,7 @@ from torch import nn
 
 from featurelens import plots
 from featurelens.analysis import dissection as nd
-from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, wandb_loggers
+from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, model_preprocess, wandb_loggers
 from featurelens.data.broden import DEFAULT_CATEGORIES, BrodenDataset, BrodenError
 from featurelens.errors import ConfigError
 
@@ -90,7 +90,7 @@ class DissectionCallback(AnalysisCallback):
                  split: str | None = None, categories: Sequence[str] = DEFAULT_CATEGORIES,
                  synthbroden: dict[str, Any] | None = None, quantile: dict[str, Any] | None = None,
                  iou_threshold: float = 0.04, denominator: str = "paper", upsample: str = "bilinear",
-                 batch_size: int = 64, unit_chunk: int = 128, num_workers: int = 0, topn_images: int = 10,
+                 batch_size: int = 64, num_workers: int = 0, topn_images: int = 10,
                  top_units: int = 8, rotation: dict[str, Any] | None = None,
                  random_init: dict[str, Any] | None = None, figures_every: int = 5, data_dir: str = "data"):
         super().__init__(every_n_epochs)
@@ -125,8 +125,8 @@ class DissectionCallback(AnalysisCallback):
         if not alphas or any(not 0 <= float(a) <= 1 for a in alphas) or int(self.rotation["seeds"]) < 1:
             problems.append(f"rotation.alphas={list(alphas)} / seeds={self.rotation['seeds']} "
                             "(alphas in [0, 1], seeds >= 1)")
-        if batch_size < 1 or unit_chunk < 1 or topn_images < 0 or top_units < 0 or figures_every < 1:
-            problems.append("batch_size, unit_chunk, figures_every must be >= 1 and topn_images, top_units >= 0")
+        if batch_size < 1 or topn_images < 0 or top_units < 0 or figures_every < 1:
+            problems.append("batch_size, figures_every must be >= 1 and topn_images, top_units >= 0")
         if layers is not None and (isinstance(layers, str) or not layers):
             problems.append(f"layers={layers!r} (a non-empty list of module names, or null for the default)")
         if problems:
@@ -134,7 +134,7 @@ class DissectionCallback(AnalysisCallback):
         self.layers = list(layers) if layers is not None else None
         self.broden_dir, self.split, self.categories = broden_dir, split, list(categories)
         self.tau, self.denominator = float(iou_threshold), denominator
-        self.batch_size, self.unit_chunk, self.num_workers = batch_size, unit_chunk, num_workers
+        self.batch_size, self.num_workers = batch_size, num_workers
         self.topn_images, self.top_units, self.figures_every = topn_images, top_units, figures_every
         self.data_dir = data_dir
         self._data: torch.utils.data.Dataset | None = None
@@ -168,26 +168,6 @@ class DissectionCallback(AnalysisCallback):
         self._data = _InMemory(ds) if not self.broden_dir else ds
         return self._data
 
-    @staticmethod
-    def _preprocess(ctx: AnalysisContext):
-        """[0, 1] RGB -> the model's input: channels, resize to the input size, the training normalisation."""
-        dm = ctx.datamodule
-        if dm is None or not hasattr(dm, "setup"):
-            raise RuntimeError("dissection: the model's preprocessing needs a featurelens ImageDataModule")
-        dm.setup("fit")  # idempotent; sets the training normalisation
-        mean = torch.tensor(dm.mean, device=ctx.device).view(1, -1, 1, 1)
-        std = torch.tensor(dm.std, device=ctx.device).view(1, -1, 1, 1)
-        size = int(dm.input_size)
-
-        def prep(x: torch.Tensor) -> torch.Tensor:
-            if dm.channels == 1 and x.shape[1] == 3:
-                x = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-            if x.shape[-1] != size or x.shape[-2] != size:
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            return (x - mean) / std
-
-        return prep
-
     def _dissect(self, model: nn.Module, layer: str, ctx: AnalysisContext, **kwargs) -> dict[str, Any]:
         data = self.dataset(ctx)
         try:
@@ -197,8 +177,8 @@ class DissectionCallback(AnalysisCallback):
         return nd.dissect(model, module, data, len(data.label_names), data.primary_category, q=self.quantile["q"],
                           denominator=self.denominator, device=ctx.device, batch_size=self.batch_size,
                           tau=self.tau, quantile_method=self.quantile["method"],
-                          max_bytes=int(self.quantile["max_bytes"]), preprocess=self._preprocess(ctx),
-                          shard=ctx.shard, unit_chunk=self.unit_chunk, num_workers=self.num_workers,
+                          max_bytes=int(self.quantile["max_bytes"]), preprocess=model_preprocess(ctx),
+                          shard=ctx.shard, num_workers=self.num_workers,
                           progress=len(data) >= 2000, **kwargs)
 
     # ------------------------------------------------------------------ analysis
@@ -328,7 +308,7 @@ class DissectionCallback(AnalysisCallback):
             labels = data[idx[0]][1]
             sh, sw = next((t.shape[-2:] for t in labels.values() if t.ndim == 3), x.shape[-2:])
             masks = nd.unit_masks(model, module, x.to(ctx.device), unit, float(res["thresholds"][unit]),
-                                  (int(sh), int(sw)), self._preprocess(ctx)).cpu()
+                                  (int(sh), int(sw)), model_preprocess(ctx)).cpu()
             up = F.interpolate(masks[:, None].float(), size=x.shape[-2:], mode="nearest")
             strip = (x * (0.2 + 0.8 * up)).permute(0, 2, 3, 1)  # (n, H, W, 3)
             strip = torch.cat(list(strip), dim=1).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
