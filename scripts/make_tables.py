@@ -21,6 +21,8 @@ Benjamini–Hochberg at q = 0.05 over all cells.
 For network dissection: ``dissection_layers.{csv,md}`` (detectors and unique detectors, both counting methods
 and per category, per model × layer at the last epoch, with the random-init and rotation baselines),
 ``dissection_epochs.{csv,md}`` and ``dissection_vs_epoch.png`` (unique detectors per epoch and layer).
+For linking: ``linking.{csv,md}`` (per classifier and layer: keep rate, held-out R², cycle agreement,
+fidelity, counterfactual success and steps) and ``linking_selective.csv`` (units selective per concept).
 """
 
 from __future__ import annotations
@@ -363,6 +365,53 @@ def dissection_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
             out / "dissection_epochs.md", out / "dissection_vs_epoch.png"]
 
 
+LINKING_KEYS = ("keep_rate", "n_pairs", "r2_heldout", "r2_pooled", "cycle_top1", "w_cos", "r_cycle_corr_unit",
+                "units/fidelity_rate", "units/n_selective", "cf/success_rate", "cf/steps_median")
+
+
+def linking_frame(jobs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The last analysed epoch of every job, and its selective units (one row per unit, part and measure)."""
+    rows, selective = [], []
+    for job in jobs:
+        out = job / "analysis" / "linking"
+        records = read_results(out / "results.jsonl") if (out / "results.jsonl").exists() else []
+        if not records:
+            continue
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        r = records[-1]
+        head = cfg.analysis.linking.head_module or "last Linear"
+        rows.append({"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "layer": f"input of {head}",
+                     "seed": cfg.seed, "epoch": r["epoch"], **{k: r.get(f"linking/{k}") for k in LINKING_KEYS}})
+        if (out / "selective_units.csv").exists() and (out / "selective_units.csv").stat().st_size > 1:
+            sel = pd.read_csv(out / "selective_units.csv")
+            selective += [{"model": cfg.model.arch, "data": cfg.data.name, "seed": cfg.seed, **row}
+                          for row in sel.to_dict("records")]
+    return pd.DataFrame(rows), pd.DataFrame(selective)
+
+
+def linking_tables(frame: pd.DataFrame, selective: pd.DataFrame, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for (model, data, layer), g in frame.groupby(["model", "data", "layer"], sort=False):
+        rows.append({"model": model, "data": data, "layer": layer, "n_seeds": g.seed.nunique(),
+                     **{k: _mean_sd(g[k].astype(float)) for k in LINKING_KEYS}})
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "linking.csv", index=False)
+    lines = ["# Linking classifier features to a generator (last analysed epoch, mean ± sd over seeds)", "",
+             "R² is on held-out pairs that passed the keep filter; cycle_top1: argmax E(G(L(E(x)))) = argmax E(x);",
+             "cf: counterfactual success rate and median steps over the ordered class pairs.", "",
+             table.to_markdown(index=False)]
+    written = [out / "linking.csv"]
+    if not selective.empty:
+        concepts = (selective.groupby(["model", "data", "part", "measure"]).agg(
+            units=("unit", "nunique"), seeds=("seed", "nunique"), median_z=("z", "median")).reset_index())
+        concepts.to_csv(out / "linking_selective.csv", index=False)
+        written.append(out / "linking_selective.csv")
+        lines += ["", "## Units selective for each concept (part, measure)", "", concepts.to_markdown(index=False)]
+    (out / "linking.md").write_text("\n".join(lines) + "\n")
+    return [*written, out / "linking.md"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep (multirun) directories")
@@ -389,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     nd_frame = dissection_frame(jobs)
     if not nd_frame.empty:
         written += dissection_tables(nd_frame, args.out)
+    lk_frame, lk_selective = linking_frame(jobs)
+    if not lk_frame.empty:
+        written += linking_tables(lk_frame, lk_selective, args.out)
     if not written:
         print(f"make_tables: error: no analysis results in {len(jobs)} finished jobs", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ os.environ["WANDB_SILENT"] = "true"
 os.environ["HYDRA_FULL_ERROR"] = "1"
 os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="torch_home_"))
 os.environ.setdefault("FEATURELENS_DATA", tempfile.mkdtemp(prefix="featurelens_data_"))
+os.environ.setdefault("FEATURELENS_CACHE", tempfile.mkdtemp(prefix="featurelens_cache_"))
 
 import pytest  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402

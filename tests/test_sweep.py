@@ -124,3 +124,20 @@ def test_dissection_experiment_sweep_builds_the_layer_and_epoch_tables(tmp_path)
     assert sorted(epochs.epoch.unique()) == [0, 1, 2] and len(epochs) == 6
     assert "unique_A" in (out / "dissection_layers.md").read_text()
     assert (out / "dissection_vs_epoch.png").stat().st_size > 0
+
+
+def test_linking_experiment_sweep_builds_the_table(tmp_path):
+    res = _sweep(tmp_path, "experiment=linking_digits", "model=small_cnn", "model.channels=[8,16]",
+                 "data.image_size=16", "generator.epochs=1", "analysis.linking.pairs.n_per_class=12",
+                 "analysis.linking.pairs.heldout_per_class=4", "analysis.linking.min_pairs=4",
+                 "analysis.linking.cf.max_steps=5", "analysis.linking.sweep.units_per_epoch=4", "seed=0,1",
+                 cli=[o for o in TINY_CLI if not o.startswith(("analysis.", "data."))])
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / "tables"
+    table = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
+                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0, table.stderr
+    csv = pd.read_csv(out / "linking.csv")
+    assert list(csv.model) == ["small_cnn"] and (csv.n_seeds == 2).all()
+    assert csv.layer[0] == "input of last Linear" and "r2_heldout" in csv and "cf/success_rate" in csv
+    assert "held-out pairs" in (out / "linking.md").read_text()

@@ -1,0 +1,307 @@
+"""Linking classifier features to a generator (spec: ``shared/spec/linking.md``); the method is in
+``analysis.linking``, the generators in ``models.generators``.
+
+Every analysed epoch: draw latents per class from the frozen generator (``generator`` config; the default cVAE
+is trained once per data config and cached), synthesise, keep the pairs the classifier labels correctly, fit
+the linear map ``w = A r + b`` from the head's input ``r`` (closed form, float64), score it on held-out pairs
+(``r2_heldout``, ``r2_pooled``, ``mse_heldout``) and through the cycle ``E(G(L(E(x))))`` (``cycle_top1``,
+``w_cos``, ``r_cycle_corr_unit``, ``r_cycle_corr_sample``); sweep a fixed random subset of units over their
+observed range and measure how logits, other units, the image and (shapes) the part masks change
+(``units/...``); and push samples across class boundaries with the counterfactual loss (``cf/...``).
+
+Files under ``<run_dir>/analysis/linking/`` (the latest analysed epoch): ``linking_map.npz``,
+``activation_ranges.csv``, ``keep_rates.csv``, ``unit_changes.csv``, ``unit_summary.csv``,
+``selective_units.csv``, ``counterfactuals.csv``, ``unit_sweeps.png`` and ``counterfactuals.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from featurelens import plots
+from featurelens.analysis import linking as lk
+from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, model_preprocess, wandb_loggers
+from featurelens.errors import ConfigError
+from featurelens.models.generators.base import PART_NAMES
+
+log = logging.getLogger("featurelens")
+
+SELECTIVITY_MEASURES = ("area", "luminance", "entropy_mean", "cx", "cy")
+
+
+def last_linear(model: nn.Module) -> str:
+    """Name of the model's final ``nn.Linear`` (the head whose input is ``r``)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ConfigError(f"linking: {type(model).__name__} has no nn.Linear head; set analysis.linking.head_module")
+    return names[-1]
+
+
+class LinkingCallback(AnalysisCallback):
+    """Linear map from the classifier's penultimate features to a generator's latent, with unit sweeps and
+    counterfactuals (spec §3-§5, §8)."""
+
+    name = "linking"
+
+    def __init__(self, every_n_epochs: int = 1, generator: dict[str, Any] | None = None,
+                 head_module: str | None = None, classes: Sequence[int] | None = None,
+                 pairs: dict[str, Any] | None = None, psi: float = 0.7, fit: dict[str, Any] | None = None,
+                 min_pairs: int | None = None, ref_set: dict[str, Any] | None = None,
+                 sweep: dict[str, Any] | None = None, cf: dict[str, Any] | None = None, batch_size: int = 256):
+        super().__init__(every_n_epochs)
+        self.generator_cfg = _plain(generator) or {"name": "cvae"}
+        self.pairs = {"n_per_class": 500, "heldout_per_class": 100, "draw_factor": 20, "seed_base": 0,
+                      "heldout_base": 1_000_000, **_plain(pairs)}
+        self.fit = {"alpha": 0.0, "mlp": False, **_plain(fit)}
+        self.ref_set = {"samples_per_class": 8, "seed": 136, **_plain(ref_set)}
+        self.sweep = {"n_steps": 3, "units_per_epoch": 32, "samples": 4, "seed": 0,
+                      "measures": list(SELECTIVITY_MEASURES), **_plain(sweep)}
+        self.cf = {"pairs": [], "lr": 0.5, "w_origin": 0.6, "w_identity": 10.0, "max_steps": 2000, "seed": 0,
+                   **_plain(cf)}
+        problems = []
+        if not 0 <= psi <= 1:
+            problems.append(f"psi={psi} (need 0 <= psi <= 1)")
+        if self.fit["alpha"] < 0:
+            problems.append(f"fit.alpha={self.fit['alpha']} (need >= 0; 0 is OLS)")
+        p = self.pairs
+        if p["n_per_class"] < 1 or p["heldout_per_class"] < 1 or p["draw_factor"] < 1:
+            problems.append(f"pairs: n_per_class={p['n_per_class']}, heldout_per_class={p['heldout_per_class']}, "
+                            f"draw_factor={p['draw_factor']} (need >= 1)")
+        if self.sweep["n_steps"] < 2 or self.sweep["units_per_epoch"] < 0 or self.sweep["samples"] < 1:
+            problems.append(f"sweep: n_steps={self.sweep['n_steps']} (>= 2), units_per_epoch="
+                            f"{self.sweep['units_per_epoch']} (>= 0), samples={self.sweep['samples']} (>= 1)")
+        bad = [m for m in self.sweep["measures"] if m not in lk.PART_MEASURES]
+        if bad:
+            problems.append(f"sweep.measures={bad} (choose from {list(lk.PART_MEASURES)})")
+        if self.cf["max_steps"] < 0 or self.cf["lr"] <= 0:
+            problems.append(f"cf: max_steps={self.cf['max_steps']} (>= 0), lr={self.cf['lr']} (> 0)")
+        if any(len(pair) != 2 for pair in self.cf["pairs"]):
+            problems.append(f"cf.pairs={self.cf['pairs']} (a list of [origin, target] class pairs)")
+        if self.ref_set["samples_per_class"] < 2:
+            problems.append(f"ref_set.samples_per_class={self.ref_set['samples_per_class']} (need >= 2)")
+        if problems:
+            raise ConfigError("analysis.linking: " + "; ".join(problems))
+        self.head_module, self.classes, self.psi = head_module, classes, float(psi)
+        self.min_pairs, self.batch_size = min_pairs, batch_size
+        self._gen = None
+        self._last: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ set-up
+    def generator(self, ctx: AnalysisContext):
+        if self._gen is None:
+            from featurelens.models.generators.store import load_generator
+
+            dm = ctx.datamodule
+            data_cfg = {k: getattr(dm, k) for k in ("name", "image_size", "channels", "num_classes", "seed",
+                                                   "n_train")}
+            with torch.enable_grad():  # a missing cVAE is trained here, inside the analysis' no_grad
+                self._gen = load_generator(self.generator_cfg, data_cfg, ctx.device)
+        return self._gen
+
+    def _classes(self, gen) -> list[int]:
+        classes = list(range(gen.num_classes)) if self.classes is None else [int(c) for c in self.classes]
+        if not classes or any(not 0 <= c < gen.num_classes for c in classes) or len(set(classes)) != len(classes):
+            raise ConfigError(f"analysis.linking.classes={self.classes}: distinct classes in 0..{gen.num_classes - 1}")
+        return classes
+
+    def _seed_range(self, base: int, n_per_class: int, classes: list[int]) -> tuple[int, int]:
+        """[first, last) seed that build_pairs may use (seed = base + class * max_draws + k)."""
+        stride = math.ceil(self.pairs["draw_factor"] * n_per_class)
+        return base, base + (max(classes) + 1) * stride
+
+    # ------------------------------------------------------------------ analysis
+    def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
+        gen = self.generator(ctx)
+        classes = self._classes(gen)
+        head = self.head_module or last_linear(model)
+        try:
+            E = lk.FeatureExtractor(model, head, model_preprocess(ctx))
+        except ValueError as e:
+            raise ConfigError(f"analysis.linking.head_module: {e}") from None
+        p = self.pairs
+        train_seeds = self._seed_range(p["seed_base"], p["n_per_class"], classes)
+        held_seeds = self._seed_range(p["heldout_base"], p["heldout_per_class"], classes)
+        if train_seeds[0] < held_seeds[1] and held_seeds[0] < train_seeds[1]:
+            raise ConfigError(f"analysis.linking.pairs: held-out seeds {held_seeds} overlap the training seeds "
+                              f"{train_seeds}; move heldout_base")
+        train = lk.build_pairs(gen, E, None, classes, p["n_per_class"], p["draw_factor"], p["seed_base"], self.psi,
+                               batch_size=self.batch_size)
+        d, m = train.r.shape[1] if len(train) else E.weight.shape[1], gen.w_dim
+        values: dict[str, Any] = {"n_pairs": len(train), "keep_rate": float(train.keep_rate.mean()),
+                                  "keep_rates": dict(zip(map(str, classes), train.keep_rate.tolist(), strict=True))}
+        min_pairs = self.min_pairs if self.min_pairs is not None else 2 * d
+        self._last = {"epoch": ctx.epoch, "classes": classes, "keep_rates": train.keep_rate.tolist(),
+                      "n_draws": train.n_draws.tolist()}
+        if len(train) < min_pairs:
+            warnings.warn(f"linking: epoch {ctx.epoch}: {len(train)} kept pairs < min_pairs={min_pairs} "
+                          "(keep rate near chance); no map fitted, NaN logged", stacklevel=2)
+            return {**values, **{k: math.nan for k in ("r2_heldout", "r2_pooled", "mse_train", "mse_heldout",
+                                                        "cycle_top1", "w_cos")}}
+        stats = lk.LinkingStats(d, m)
+        stats.update(train.r.double(), train.w.double())
+        lmap = stats.solve(self.fit["alpha"])
+        values["mse_train"] = stats.train_scores(lmap)["mse"]
+        values["rank"] = int(lmap.rank) if lmap.rank is not None else d
+        held = lk.build_pairs(gen, E, None, classes, p["heldout_per_class"], p["draw_factor"], p["heldout_base"],
+                              self.psi, batch_size=self.batch_size, return_images=True)
+        if len(held):
+            scores = lk.evaluate_map(lmap, held.r.double(), held.w.double())
+            values.update(r2_heldout=scores["r2_mean"], r2_pooled=scores["r2_pooled"], mse_heldout=scores["mse"])
+            values.update(self._cycle(gen, E, lmap, held))
+            if self.fit["mlp"]:
+                mlp = lk.fit_mlp_baseline(train.r.double(), train.w.double())
+                with torch.no_grad():
+                    values["mlp_r2"] = lk.r2_scores(held.w.double(), mlp(held.r.double()))[0]
+        self._last.update(lmap=lmap, rank=values["rank"])
+        values.update(self._units(gen, E, lmap, classes, d))
+        values.update(self._counterfactuals(gen, E, lmap, classes, held))
+        return values
+
+    def _synth_encode(self, gen, E, lmap, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """r -> L -> G -> E: (images, r', logits)."""
+        with torch.no_grad():
+            images = gen.synthesize(lmap(r.double().cpu()))  # generators cast w to their device and dtype
+            r2, logits = E(images)
+        return images, r2, logits
+
+    def _cycle(self, gen, E, lmap, held) -> dict[str, float]:
+        _, r_c, logits_c = self._synth_encode(gen, E, lmap, held.r)
+        _, logits = E(held.images)
+        with torch.no_grad():
+            w_c = lmap(r_c.double().cpu())
+        r, rc = held.r.double().cpu(), r_c.double().cpu()
+        return {"cycle_top1": float((logits_c.argmax(1).cpu() == logits.argmax(1).cpu()).double().mean()),
+                "w_cos": float(torch.nn.functional.cosine_similarity(held.w.double().cpu(), w_c.cpu(), dim=1).mean()),
+                "r_cycle_corr_unit": _median_corr(r, rc, dim=0), "r_cycle_corr_sample": _median_corr(r, rc, dim=1)}
+
+    def _units(self, gen, E, lmap, classes, d) -> dict[str, Any]:
+        """§4: reference set, activation ranges, sweeps of a fixed random unit subset, selectivity."""
+        n = self.ref_set["samples_per_class"]
+        w_ref = torch.cat([gen.sample_w(n, c, self.psi, self.ref_set["seed"] + 1000 * c) for c in classes])
+        with torch.no_grad():
+            r_ref, _ = E(gen.synthesize(w_ref))
+        r_ref = r_ref.double().cpu()
+        labels = torch.tensor(classes).repeat_interleave(n)
+        mins, maxs, dead = lk.activation_ranges(r_ref)
+        units = torch.randperm(d, generator=torch.Generator().manual_seed(self.sweep["seed"]))
+        units = units[: self.sweep["units_per_epoch"]].sort().values.tolist()
+        spread = torch.linspace(0, len(r_ref) - 1, self.sweep["samples"]).round().long()
+        changes, images = lk.sweep_units(gen, lmap, E, None, r_ref[spread], labels[spread], units, mins, maxs,
+                                         r_ref.std(0), n_steps=self.sweep["n_steps"], keep_images=units)
+        summary = lk.summarise_units(changes)
+        has_parts = any("/" in c for c in changes.columns)
+        selective = lk.selectivity(summary, PART_NAMES, self.sweep["measures"]) if has_parts and len(summary) > 2 \
+            else pd.DataFrame(columns=["unit", "part", "measure", "z", "value"])
+        self._last.update(ranges=pd.DataFrame({"unit": range(d), "min": mins.numpy(), "max": maxs.numpy(),
+                                               "dead": dead.numpy()}),
+                          changes=changes, summary=summary, selective=selective, sweep_images=images)
+        leak = changes["leakage"].dropna() if "leakage" in changes else pd.Series(dtype=float)
+        return {"units/n_dead": int(dead.sum()), "units/n_swept": int(summary.shape[0]),
+                "units/fidelity_rate": lk.fidelity_rate(summary) if len(summary) else math.nan,
+                "units/n_selective": int(selective["unit"].nunique()),
+                "units/leakage_median": float(leak.median()) if len(leak) else math.nan}
+
+    def _counterfactuals(self, gen, E, lmap, classes, held) -> dict[str, Any]:
+        """§5 on one correctly classified held-out sample per origin class and every configured pair."""
+        pairs = [tuple(int(c) for c in pair) for pair in self.cf["pairs"]] or list(itertools.permutations(classes, 2))
+        rows, strips = [], []
+        for o, t in pairs:
+            idx = (held.labels == o).nonzero().flatten() if len(held) else torch.zeros(0)
+            if not len(idx):
+                continue
+            r = held.r[int(idx[0])].double()
+
+            def check(r_prime: torch.Tensor) -> torch.Tensor:
+                return self._synth_encode(gen, E, lmap, r_prime)[2]
+
+            res = lk.counterfactual(r, o, t, E.weight.double(), E.bias.double(), lmap, check, lr=self.cf["lr"],
+                                    w_origin=self.cf["w_origin"], w_identity=self.cf["w_identity"],
+                                    max_steps=self.cf["max_steps"], seed=self.cf["seed"])
+            top = torch.argsort(res.s.abs(), descending=True)[:10].tolist()
+            rows.append({"origin": o, "target": t, "success": res.success, "steps": res.steps,
+                         "shift_l1": res.shift_l1, "frac_clipped": res.frac_clipped, "p_target": float(res.p_t[-1])
+                         if len(res.p_t) else math.nan, "top10_units": ";".join(map(str, top))})
+            if len(strips) < 4:
+                path = torch.stack([torch.relu(r - a * res.s) for a in torch.linspace(0, 1, 5, dtype=torch.float64)])
+                strips.append((o, t, res.success, self._synth_encode(gen, E, lmap, path)[0].cpu()))
+        table = pd.DataFrame(rows)
+        self._last.update(cf=table, cf_strips=strips)
+        if table.empty:
+            return {"cf/success_rate": math.nan}
+        ok = table[table.success]
+        return {"cf/n_pairs": len(table), "cf/success_rate": float(table.success.mean()),
+                "cf/steps_median": float(ok.steps.median()) if len(ok) else math.nan,
+                "cf/shift_l1_mean": float(table.shift_l1.mean()),
+                "cf/frac_clipped_mean": float(table.frac_clipped.mean())}
+
+    # ------------------------------------------------------------------ reporting
+    def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
+        last, out = self._last, self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"class": last["classes"], "keep_rate": last["keep_rates"], "draws": last["n_draws"]}).to_csv(
+            out / "keep_rates.csv", index=False)
+        if "lmap" not in last:
+            return
+        last["lmap"].save(out / "linking_map.npz", epoch=ctx.epoch, layer=self.head_module or last_linear(model),
+                          classes=np.asarray(last["classes"]), psi=self.psi, seed_base=self.pairs["seed_base"],
+                          heldout_base=self.pairs["heldout_base"], n_pairs_kept=int(record["linking/n_pairs"]),
+                          keep_rates=np.asarray(last["keep_rates"]),
+                          generator=str(self.generator_cfg.get("ckpt") or self.generator_cfg.get("pkl")
+                                        or self.generator_cfg.get("name")))
+        last["ranges"].to_csv(out / "activation_ranges.csv", index=False)
+        last["changes"].to_csv(out / "unit_changes.csv", index=False)
+        last["summary"].to_csv(out / "unit_summary.csv", index=False)
+        last["selective"].to_csv(out / "selective_units.csv", index=False)
+        last["cf"].to_csv(out / "counterfactuals.csv", index=False)
+        figures = []
+        order = list(dict.fromkeys(last["selective"]["unit"].tolist())) + sorted(last["sweep_images"])
+        sweeps = [(u, last["sweep_images"][u]) for u in dict.fromkeys(order) if u in last["sweep_images"]][:4]
+        if sweeps:
+            imgs, titles = [], []
+            for u, im in sweeps:  # (samples, steps, C, H, W): first sample, min / mid / max
+                steps = im.shape[1]
+                for j, name in zip((0, steps // 2, steps - 1), ("min", "mid", "max"), strict=True):
+                    imgs.append(im[0, j].permute(1, 2, 0).numpy())
+                    titles.append(f"unit {u} {name}")
+            figures.append(plots.image_grid(imgs, titles, out / "unit_sweeps.png", max_cols=3,
+                                            title="Unit sweeps (most selective units first)"))
+        if last["cf_strips"]:
+            imgs, titles = [], []
+            for o, t, ok, path in last["cf_strips"]:
+                for j in range(path.shape[0]):
+                    imgs.append(path[j].permute(1, 2, 0).numpy())
+                    titles.append(f"{o}->{t} a={j / (path.shape[0] - 1):.2f}" + ("" if ok or j < path.shape[0] - 1
+                                                                                 else " (failed)"))
+            figures.append(plots.image_grid(imgs, titles, out / "counterfactuals.png", max_cols=5,
+                                            title="Counterfactual paths relu(r - a*s): original (a=0) to a=1"))
+        for lg in wandb_loggers(ctx.loggers):
+            for name in ("selective", "cf"):
+                if not last[name].empty:
+                    lg.log_table(key=f"linking/{name}", dataframe=last[name], step=ctx.step)
+            for path in figures:
+                lg.log_image(key=f"linking/{path.stem}", images=[str(path)], step=ctx.step)
+
+
+def _plain(d) -> dict[str, Any]:
+    """A config node (DictConfig from Hydra, or a dict / None) as a plain dict."""
+    return OmegaConf.to_container(d, resolve=True) if isinstance(d, DictConfig) else dict(d or {})
+
+
+def _median_corr(a: torch.Tensor, b: torch.Tensor, dim: int) -> float:
+    """Median Pearson correlation between matching columns (dim=0: per unit) or rows (dim=1: per sample)."""
+    a, b = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+    den = (a.norm(dim=dim) * b.norm(dim=dim))
+    corr = (a * b).sum(dim) / den
+    corr = corr[den > 0]
+    return float(corr.median()) if corr.numel() else math.nan
