@@ -333,3 +333,28 @@ def test_batches_without_any_live_unit_add_only_ground_truth(broden):
     for key in ("intersection", "act_paper", "act_lite", "act_total"):
         assert int(d[key].abs().sum()) == 0, key
     assert int(d["images"]) == 4 and int(d["pixels"]) == 4 * 16 * 16
+
+
+def test_colour_planted_1x1_conv_detects_the_foreground_colours(broden64):
+    """Spec §6: a 1x1 conv firing where a pixel is within a tolerance of a nominal foreground colour."""
+    from featurelens.data.shapes import COLORS, FOREGROUND_COLORS
+
+    ds, items = broden64
+    colours = torch.tensor([COLORS[c] for c in FOREGROUND_COLORS], dtype=torch.float32) / 255
+
+    class ColourUnits(torch.nn.Module):
+        def forward(self, x):  # unit j = relu(tol^2 - |x - c_j|^2), tol = 0.15
+            d2 = ((x[:, None] - colours[None, :, :, None, None]) ** 2).sum(dim=2)
+            return torch.relu(0.15**2 - d2)
+
+    net = ColourUnits()
+    number = {name: n for n, name in enumerate(ds.label_names)}
+    # q = the colour's pixel coverage (spec §3.3: a concept covering more than q/tau of all pixels is undetectable)
+    q = [ds.category_stats["color"][number[f"{c}-c"]][1] / len(ds) for c in FOREGROUND_COLORS]
+    res = dissect(net, net, ListData(items, ds.categories, ds.label_names), ds.num_labels, ds.primary_category,
+                  q=q, batch_size=10)
+    k = ds.categories.index("color")
+    names = [ds.label_names[int(c)] for c in res["labels"]["label_percat"][:, k]]
+    assert names == [f"{c}-c" for c in FOREGROUND_COLORS]  # each unit's best colour is its own colour ...
+    assert bool((res["labels"]["score_percat"][:, k] > 0.04).all())  # ... with a detector-level IoU
+    assert res["counts"]["unique_B_percat"][k] == len(FOREGROUND_COLORS)

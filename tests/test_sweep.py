@@ -61,8 +61,9 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
 def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     common = [*TINY_CLI, "model=small_cnn", "model.channels=[4,8]", "test=false",
-              "analysis=[chirality,class_filters]", "analysis.class_filters.k_grid=[1,3,8]",
-              "analysis.class_filters.n_per_class=8"]
+              "analysis=[chirality,class_filters,dissection]", "analysis.class_filters.k_grid=[1,3,8]",
+              "analysis.class_filters.n_per_class=8", "analysis.dissection.synthbroden.n_images=40",
+              "analysis.dissection.batch_size=8", "analysis.dissection.quantile.q=0.02"]
     runs = {}
     for name, extra in (("single", []), ("ddp", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                                                  "trainer.sync_batchnorm=false"])):
@@ -71,8 +72,8 @@ def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):
                              env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
         runs[name] = {a: read_results(tmp_path / name / f"analysis/{a}/results.jsonl")
-                      for a in ("chirality", "class_filters")}
-    for analysis in ("chirality", "class_filters"):
+                      for a in ("chirality", "class_filters", "dissection")}
+    for analysis in ("chirality", "class_filters", "dissection"):
         assert [r["epoch"] for r in runs["ddp"][analysis]] == [0, 1, 2]  # rank 0 writes: no duplicated records
     # same seed, same initial weights: at epoch 0 the kernel values agree exactly, and the class filters,
     # streamed over half of the images on each rank and summed by torchmetrics, equal the single-process ones
@@ -81,6 +82,11 @@ def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):
     for key in ("class_filters/sets", "class_filters/n_images", "class_filters/acc_full",
                 "class_filters/k3/acc_decomposed", "class_filters/features_per_class"):
         assert ddp0[key] == single0[key], key
+    # dissection: each rank reads every 2nd concept image; the synced quantiles and tallies give the same counts
+    ddp0, single0 = runs["ddp"]["dissection"][0], runs["single"]["dissection"][0]
+    for key in ("unique_detectors", "unique_detectors_percat", "detectors", "threshold_mean", "mean_score",
+                "frac_active", "features.5/counts"):
+        assert ddp0[f"dissection/{key}"] == single0[f"dissection/{key}"], key
 
 
 def test_specialization_sweep_builds_the_init_vs_trained_table(tmp_path):

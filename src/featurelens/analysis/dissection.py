@@ -4,15 +4,18 @@ Implements /work/shared/spec/dissection.md §2 with plain torch (+ torchmetrics 
 
 - :class:`UnitQuantiles` — pass 1, exact per-unit (1 - q) quantile T_k of the raw low-resolution activations
   (§2.2, ``quantile.method: exact_topk``).
+  :func:`make_quantiles` picks it, or the documented ``subsample`` estimate when the exact buffer is too big.
 - :class:`IoUTally` — pass 2, integer tallies I (U, C+1), G (C+1), A^paper and A^lite (U, n_cat) (§2.3-§2.5).
+- :class:`TopImages` — the top-activating images per unit (for the strips, §5).
 - :func:`iou`, :func:`unit_labels`, :func:`unique_detectors` (methods A and B), :func:`tally_table` (§2.5-§2.6).
-- :func:`dissect` — both passes with a forward hook on ``layer_module`` (eval, no_grad).
-- :func:`random_rotation` — Q^alpha for the random-rotation baseline (§2.7).
+- :func:`dissect` — both passes with a forward hook on ``layer_module`` (eval, no_grad, sharded across ranks);
+  :func:`unit_masks` — one unit's M_k on a few images; :func:`default_layer`, :func:`resolve_layer`.
+- :func:`random_rotation` — Q^alpha for the random-rotation baseline; :func:`random_init_copy` — the
+  random-init baseline (§2.7).
 
 Label batches are a list (one entry per image) of ``{category: tensor}`` dicts as returned by
 :class:`featurelens.data.broden.BrodenDataset`: pixel categories ``(n_layers, sh, sw)`` int64 global label maps,
-image-level categories (scene, texture) 1-D tensors of global label numbers. Use :func:`collate_broden` as the
-DataLoader ``collate_fn``. Label 0 (unlabeled) never counts.
+image-level categories (scene, texture) 1-D tensors of global label numbers. Label 0 (unlabeled) never counts.
 """
 
 from __future__ import annotations
@@ -27,19 +30,13 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 __all__ = [
-    "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "collate_broden", "default_layer",
+    "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "default_layer",
     "dissect", "iou", "make_quantiles", "random_init_copy", "random_rotation", "resolve_layer", "tally_table",
-    "unique_detectors", "unit_labels",
+    "unique_detectors", "unit_labels", "unit_masks",
 ]
 
 EPS = 1e-10  # §2.5 epsilon in the IoU denominator
 IMAGE_LEVEL = frozenset({"scene", "texture"})
-
-
-def collate_broden(batch):
-    """DataLoader collate: ``[(image, labels), ...] -> (stacked images, [labels, ...])``."""
-    xs, labels = zip(*batch, strict=True)
-    return torch.stack(list(xs)), list(labels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
