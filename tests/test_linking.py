@@ -158,10 +158,6 @@ def test_pair_builder():
         assert torch.equal(a.w[i], gen.sample_w(1, int(a.labels[i]), 0.7, int(a.seeds[i]))[0])
     held = lk.build_pairs(gen, encode, classify, [0, 1], 10, draw_factor=5, seed_base=1_000_000)
     assert not set(held.seeds.tolist()) & set(range(0, 2 * a.max_draws))
-    # pool + select gives the same pairs
-    pool = lk.draw_pool(gen, [0, 1], 10, draw_factor=5, batch_size=8)
-    c = lk.select_pairs(pool, encode, classify, 10, batch_size=4)
-    assert torch.equal(c.seeds, a.seeds) and torch.equal(c.n_draws, a.n_draws)
 
 
 def test_pair_builder_always_wrong():

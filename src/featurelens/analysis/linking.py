@@ -12,7 +12,6 @@ Pieces (spec section in brackets):
   :func:`fit_mlp_baseline` is the optional non-linear baseline.
 * **Pairs** (§3): :func:`build_pairs` draws one unique seed per latent (``seed_base + c * seed_stride + k``),
   keeps a pair iff the classifier predicts its class and stops at ``n_per_class`` kept or ``max_draws`` draws.
-  :func:`draw_pool` + :func:`select_pairs` are the cached form (synthesise once, re-filter every epoch).
   :class:`FeatureExtractor` returns ``(r, logits)`` in one forward by hooking the input of the final Linear.
 * **Units** (§4): :func:`activation_ranges`, :func:`unit_sweep`, :func:`sweep_units` (per (unit, sample)
   change vectors: classifier side, whole image, per part), :func:`summarise_units`, :func:`selectivity`,
@@ -48,11 +47,8 @@ __all__ = [
     "evaluate_map",
     "fit_mlp_baseline",
     "PairSet",
-    "SamplePool",
     "pair_seeds",
     "build_pairs",
-    "draw_pool",
-    "select_pairs",
     "FeatureExtractor",
     "head_input_hook",
     "activation_ranges",
@@ -363,18 +359,6 @@ class PairSet:
         return int(self.labels.numel())
 
 
-@dataclass
-class SamplePool:
-    """Cached draws of a frozen generator (spec §3 "Caching"): per class, ``max_draws`` latents in seed order."""
-
-    w: Tensor
-    images: Tensor
-    labels: Tensor
-    seeds: Tensor
-    classes: list[int]
-    max_draws: int
-
-
 def pair_seeds(class_idx: int, k: Tensor | int, seed_base: int, seed_stride: int) -> Tensor:
     """The seed of draw ``k`` of class ``class_idx``: ``seed_base + class_idx * seed_stride + k``."""
     return seed_base + int(class_idx) * int(seed_stride) + torch.as_tensor(k, dtype=torch.int64)
@@ -480,68 +464,6 @@ def _pairset(out, classes, keep_rates, draws, kept_counts, max_draws, with_image
         max_draws=max_draws,
         images=torch.cat(out["images"]) if with_images else None,
     )
-
-
-def draw_pool(
-    generator: Any,
-    classes: Sequence[int],
-    n_per_class: int,
-    draw_factor: float = 20,
-    seed_base: int = 0,
-    psi: float = 0.7,
-    seed_stride: int | None = None,
-    batch_size: int = 64,
-) -> SamplePool:
-    """Synthesise all ``max_draws`` draws per class once (same seeds as :func:`build_pairs`), on CPU."""
-    max_draws = _check_pair_args(classes, n_per_class, draw_factor, seed_stride)
-    stride = max_draws if seed_stride is None else int(seed_stride)
-    ws, ims, labels, seeds_all = [], [], [], []
-    for c in classes:
-        for k in range(0, max_draws, batch_size):
-            seeds = pair_seeds(c, torch.arange(k, min(k + batch_size, max_draws)), seed_base, stride)
-            w = _draw(generator, c, seeds, psi)
-            with torch.no_grad():
-                ims.append(generator.synthesize(w).cpu())
-            ws.append(w.cpu())
-            seeds_all.append(seeds)
-            labels.append(torch.full((seeds.numel(),), int(c), dtype=torch.int64))
-    return SamplePool(torch.cat(ws), torch.cat(ims), torch.cat(labels), torch.cat(seeds_all), list(classes), max_draws)
-
-
-def select_pairs(
-    pool: SamplePool,
-    encode: Encode,
-    classify: Callable[[Tensor], Tensor] | None,
-    n_per_class: int,
-    batch_size: int = 256,
-    keep_filter: bool = True,
-    device: torch.device | str | None = None,
-) -> PairSet:
-    """Re-encode a cached pool and keep the first ``n_per_class`` correctly classified draws per class in seed
-    order; identical to :func:`build_pairs` with the same seeds (draws spent counted the same way)."""
-    out: dict[str, list[Tensor]] = {"w": [], "r": [], "labels": [], "seeds": [], "images": []}
-    keep_rates, draws, kept_counts = [], [], []
-    for c in pool.classes:
-        sel = torch.nonzero(pool.labels == c).flatten()
-        kept, k = 0, 0
-        while kept < n_per_class and k < sel.numel():
-            chunk = sel[k : k + batch_size]
-            images = pool.images[chunk]
-            if device is not None:
-                images = images.to(device)
-            r, logits = _encode(encode, classify, images)
-            keep = (logits.argmax(1).cpu() == c) if keep_filter else torch.ones(chunk.numel(), dtype=torch.bool)
-            idx = torch.nonzero(keep).flatten()[: n_per_class - kept]
-            k += int(idx[-1]) + 1 if kept + idx.numel() >= n_per_class else chunk.numel()
-            kept += idx.numel()
-            out["w"].append(pool.w[chunk[idx]])
-            out["r"].append(r[idx].cpu())
-            out["seeds"].append(pool.seeds[chunk[idx]])
-            out["labels"].append(torch.full((idx.numel(),), int(c), dtype=torch.int64))
-        keep_rates.append(kept / k if k else 0.0)
-        draws.append(k)
-        kept_counts.append(kept)
-    return _pairset(out, pool.classes, keep_rates, draws, kept_counts, pool.max_draws, False)
 
 
 class FeatureExtractor:

@@ -63,9 +63,7 @@ the cache file name.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -497,18 +495,10 @@ def _cache_path(root: str | Path, split: str, n: int, size: int, seed: int) -> P
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write ``arrays`` to ``path`` through a temporary file + ``os.replace``: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``arrays`` to ``path`` all or nothing."""
+    from featurelens.results import atomic_write
+
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def _load_cached(path: Path, n: int, size: int) -> tuple[np.ndarray, np.ndarray] | None:

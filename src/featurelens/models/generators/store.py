@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from featurelens.errors import ConfigError
 from featurelens.models.generators.base import Generator, freeze
 from featurelens.models.generators.cvae import CondVAEGenerator, load_training_data, train_cvae, valid_resolutions
+from featurelens.results import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,7 @@ def save_cvae(gen: CondVAEGenerator, path: str | Path, meta: dict | None = None)
     state = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
     payload = {"format": CKPT_FORMAT, "config": gen.config(), "state_dict": state,
                "w_avg": gen.w_avg_table.detach().cpu().clone(), "meta": meta or {}}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_cvae(path: str | Path, device: str | torch.device = "cpu") -> CondVAEGenerator:
