@@ -95,3 +95,20 @@ def test_cpu_targets_on_a_trained_classifier_and_cvae(cfg_factory):
     assert rec["linking/units/fidelity_rate"] > 0.5
     assert 0 <= rec["linking/cf/success_rate"] <= 1
     torch.testing.assert_close(torch.tensor(rec["linking/n_pairs"]), torch.tensor(600.0))
+
+
+def test_tables_and_figures_reach_an_offline_wandb_run(cfg_factory, tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    base = [o for o in TINY if not o.startswith(("analysis.", "data.", "logger"))]
+    cfg = cfg_factory(*DIGITS, *LINK, "logger=wandb", "model.channels=[8,16]", "trainer.max_epochs=1", name="wb",
+                      base=base)
+    try:
+        train(cfg)
+    finally:
+        wandb.finish()
+    media = {p.name.split("_")[0] for p in Path(cfg.paths.output_dir).glob("wandb/offline-run-*/files/media/**/*")
+             if p.is_file()}
+    assert {"cf", "unit", "counterfactuals"} <= media, media  # the counterfactual table, sweep and path images

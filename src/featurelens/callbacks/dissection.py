@@ -264,10 +264,14 @@ class DissectionCallback(AnalysisCallback):
             plots.histogram_with_marker(res["labels"]["score"].numpy(), self.tau, out / "score_hist.png",
                                         xlabel="unit score (best IoU)", title=f"{layer}: unit scores (line: tau)")
             images.append((f"{layer}/score_hist", out / "score_hist.png"))
+            strips = []
             if figures and self.top_units and res["top_images"] is not None:
-                self._top_image_strips(model, layer, res, data, ctx, out / "topimages")
+                strips = self._top_image_strips(model, layer, res, data, ctx, out / "topimages")
             for lg in wandb_loggers(ctx.loggers):
                 lg.log_table(key=f"dissection/{layer}/tally", dataframe=table, step=ctx.step)
+                if strips:
+                    lg.log_image(key=f"dissection/{layer}/topimages", images=[str(p) for p in strips],
+                                 caption=[p.stem for p in strips], step=ctx.step)
         epochs = [r["epoch"] for r in self.history]
         series = {m: [r.get(f"dissection/{k}") for r in self.history] for m, k in
                   (("unique (A)", "unique_detectors"), ("unique per category (B)", "unique_detectors_percat"),
@@ -294,12 +298,13 @@ class DissectionCallback(AnalysisCallback):
                               ylabel="detector units", title=header, rotate_labels=True)
 
     def _top_image_strips(self, model: nn.Module, layer: str, res: dict[str, Any], data, ctx: AnalysisContext,
-                          out: Path) -> None:
+                          out: Path) -> list[Path]:
         """For the best ``top_units`` units: their top images, outside the mask S_k > T_k dimmed to 0.2."""
         shutil.rmtree(out, ignore_errors=True)  # the strips describe the latest figure epoch only
         out.mkdir(parents=True)
         module = nd.resolve_layer(model, layer)
         order = torch.argsort(res["labels"]["score"], descending=True)[: self.top_units]
+        paths = []
         for unit in order.tolist():
             idx = [i for i in res["top_images"][:, unit].tolist() if i >= 0]
             if not idx:
@@ -314,8 +319,9 @@ class DissectionCallback(AnalysisCallback):
             strip = torch.cat(list(strip), dim=1).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
             img = Image.fromarray(strip)
             scale = max(1, 96 // x.shape[-1])
-            img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(out / f"unit_{unit + 1:04d}.jpg",
-                                                                                   quality=92)
+            paths.append(out / f"unit_{unit + 1:04d}.jpg")
+            img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(paths[-1], quality=92)
+        return paths
 
     def _rotation_report(self, record: dict[str, Any]) -> Path:
         import pandas as pd

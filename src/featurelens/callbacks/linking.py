@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm.auto import tqdm
 
 from featurelens import plots
 from featurelens.analysis import linking as lk
@@ -216,7 +217,7 @@ class LinkingCallback(AnalysisCallback):
         """§5 on one correctly classified held-out sample per origin class and every configured pair."""
         pairs = [tuple(int(c) for c in pair) for pair in self.cf["pairs"]] or list(itertools.permutations(classes, 2))
         rows, strips = [], []
-        for o, t in pairs:
+        for o, t in tqdm(pairs, desc="linking: counterfactuals", leave=False, disable=len(pairs) < 4):
             idx = (held.labels == o).nonzero().flatten() if len(held) else torch.zeros(0)
             if not len(idx):
                 continue
