@@ -87,6 +87,7 @@ def test_cpu_targets_on_a_trained_classifier_and_cvae(cfg_factory):
     acfg = cfg_factory("logger=none", *DIGITS[:-1], "generator.epochs=10", "analysis=linking",
                        "analysis.linking.pairs.n_per_class=150", "analysis.linking.pairs.heldout_per_class=30",
                        "analysis.linking.cf.max_steps=300", "analysis.linking.sweep.units_per_epoch=16",
+                       "analysis.linking.fit.mlp=true",
                        f"ckpt_path={cfg.paths.output_dir}/checkpoints/last.ckpt", name="link", config_name="analyze")
     rec = analyze(acfg)["linking"]
     assert rec["linking/keep_rate"] >= 0.5
@@ -94,6 +95,7 @@ def test_cpu_targets_on_a_trained_classifier_and_cvae(cfg_factory):
     assert rec["linking/r2_heldout"] > 0
     assert rec["linking/units/fidelity_rate"] > 0.5
     assert 0 <= rec["linking/cf/success_rate"] <= 1
+    assert rec["linking/mlp_r2"] > 0  # the non-linear baseline (the paper: linear suffices)
     torch.testing.assert_close(torch.tensor(rec["linking/n_pairs"]), torch.tensor(600.0))
 
 

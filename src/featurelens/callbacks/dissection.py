@@ -183,7 +183,10 @@ class DissectionCallback(AnalysisCallback):
 
     # ------------------------------------------------------------------ analysis
     def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
-        layers = self.layers or [nd.default_layer(model)]
+        try:
+            layers = self.layers or [nd.default_layer(model)]
+        except ValueError as e:
+            raise ConfigError(f"analysis.dissection.layers: {e}") from None
         values: dict[str, Any] = {}
         self._last = {}
         for i, layer in enumerate(layers):
@@ -196,7 +199,7 @@ class DissectionCallback(AnalysisCallback):
             values[f"{layer}/quantile_method"] = res["quantile_method"]
             values[f"{layer}/counts"] = self._counts(res)
         primary = layers[0]
-        if self.random_init["enabled"]:
+        if self.random_init["enabled"] and ctx.final:
             res = self._dissect(nd.random_init_copy(model, int(self.random_init["seed"])), primary, ctx)
             values.update({f"random_init/{k}": v for k, v in self._scalars(res).items()
                            if k.startswith(("unique", "detectors"))})
