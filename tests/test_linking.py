@@ -116,6 +116,21 @@ def test_ridge_limits_and_streaming():
         assert torch.allclose(merged.intercept, one.intercept, atol=1e-10)
 
 
+def test_fit_equals_scikit_learn_ols_and_ridge():
+    """The reference fits with sklearn LinearRegression (OLS) or Ridge(alpha=1); the closed form agrees."""
+    from sklearn.linear_model import LinearRegression, Ridge
+    from sklearn.metrics import r2_score
+
+    r, w = _random_pairs()
+    for alpha, est in ((0.0, LinearRegression()), (1.0, Ridge(alpha=1.0)), (25.0, Ridge(alpha=25.0))):
+        est.fit(r.numpy(), w.numpy())
+        ours = lk.fit_linking_map(r, w, alpha)
+        np.testing.assert_allclose(ours.coef.numpy(), est.coef_, atol=1e-9)
+        np.testing.assert_allclose(ours.intercept.numpy(), est.intercept_, atol=1e-9)
+        scores = lk.evaluate_map(ours, r, w)
+        assert abs(scores["r2_mean"] - r2_score(w.numpy(), est.predict(r.numpy()))) < 1e-9
+
+
 def test_bad_alpha_and_empty():
     with pytest.raises(ValueError, match="alpha"):
         lk.fit_linking_map(*_random_pairs(), alpha=-1)
