@@ -66,11 +66,11 @@ def chirality_frame(jobs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _mean_sd(s: pd.Series) -> str:
+def _mean_sd(s: pd.Series, fmt: str = ".4f") -> str:
     s = s.dropna()
     if s.empty:
         return "–"
-    return f"{s.mean():.4f} ± {s.std(ddof=1):.4f}" if len(s) > 1 else f"{s.mean():.4f}"
+    return f"{s.mean():{fmt}} ± {s.std(ddof=1):{fmt}}" if len(s) > 1 else f"{s.mean():{fmt}}"
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -338,9 +338,11 @@ def dissection_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
     rows = []
     for (model, data, layer), g in last.groupby(["model", "data", "layer"], sort=False):
         row = {"model": model, "data": data, "layer": layer, "n_seeds": g.seed.nunique(),
-               "detectors": _mean_sd(g.detectors), "unique_A": _mean_sd(g.unique_A), "unique_B": _mean_sd(g.unique_B),
-               **{f"B/{c}": g[f"B/{c}"].mean() for c in DISSECTION_CATS}}
-        for col in sorted(c for c in g.columns if c.startswith(("random_init", "alpha_"))):
+               "detectors": _mean_sd(g.detectors, ".1f"), "unique_A": _mean_sd(g.unique_A, ".1f"),
+               "unique_B": _mean_sd(g.unique_B, ".1f"), **{f"B/{c}": g[f"B/{c}"].mean() for c in DISSECTION_CATS}}
+        baselines = [c for c in g.columns if c.startswith(("random_init", "alpha_"))]
+        for col in sorted(baselines, key=lambda c: (c.startswith("alpha_"), float(c.split("_")[1]) if
+                                                    c.startswith("alpha_") else 0.0)):
             if g[col].notna().any():
                 row[col] = g[col].mean()
         rows.append(row)
