@@ -32,7 +32,7 @@ from featurelens import plots
 from featurelens.analysis import featvis
 from featurelens.analysis import importance as imp
 from featurelens.analysis import specialization as spec
-from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, wandb_loggers
+from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, model_preprocess, wandb_loggers
 from featurelens.data.datamodule import targets as targets_of
 from featurelens.errors import ConfigError
 
@@ -184,8 +184,7 @@ class SpecializationCallback(AnalysisCallback):
                        ctx: AnalysisContext):
         """§2.7 feature visualisation of up to ``vis.max_sets`` sub-clusters against random same-size sets."""
         dm = ctx.datamodule
-        mean = torch.tensor(dm.mean, device=ctx.device).view(1, -1, 1, 1)
-        std = torch.tensor(dm.std, device=ctx.device).view(1, -1, 1, 1)
+        prep = model_preprocess(ctx)
         kwargs = {k: self.vis[k] for k in ("steps", "lr", "relu_redirect_steps")}
         rows, budget, grid = [], self.vis["max_sets"], []
         stats: dict[str, list[list[float]]] = {"vis_score": [[], []], "vis_entropy": [[], []]}
@@ -199,7 +198,7 @@ class SpecializationCallback(AnalysisCallback):
             layer_rows, _ = featvis.vis_coherence(
                 model, z_module, sets, int(graph.layer_sizes[layer]), candidates, n_random=self.vis["n_random"],
                 seed=self.seed + layer, min_size=self.vis["min_size"], max_frac=self.vis["max_prop"],
-                size=dm.input_size, channels=dm.channels, preprocess=lambda x: (x - mean) / std, **kwargs)
+                size=dm.input_size, channels=dm.channels, preprocess=prep, **kwargs)
             budget -= len(layer_rows)
             cluster_ids = list(clusters)
             for r in layer_rows:
@@ -211,7 +210,7 @@ class SpecializationCallback(AnalysisCallback):
             if layer_rows and len(grid) < 4:
                 images, *_ = featvis.visualise(model, z_module, [sets[r["set_index"]] for r in layer_rows[:4]],
                                                size=dm.input_size, channels=dm.channels,
-                                               preprocess=lambda x: (x - mean) / std, seed=self.seed, **kwargs)
+                                               preprocess=prep, seed=self.seed, **kwargs)
                 grid += [(f"{graph.layer_names[layer]} #{r['set_index']}", img) for r, img in zip(
                     layer_rows[:4], images, strict=True)]
             if budget <= 0:
