@@ -359,3 +359,14 @@ def test_colour_planted_1x1_conv_detects_the_foreground_colours(broden64):
     assert names == [f"{c}-c" for c in FOREGROUND_COLORS]  # each unit's best colour is its own colour ...
     assert bool((res["labels"]["score_percat"][:, k] > 0.04).all())  # ... with a detector-level IoU
     assert res["counts"]["unique_B_percat"][k] == len(FOREGROUND_COLORS)
+
+
+def test_frac_active_raw_is_q_for_a_continuous_layer(broden):
+    """Spec §6 bound: the share of raw values above T_k is in [0.004, 0.006] at q = 0.005."""
+    ds, items = broden
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 6, 3, stride=4, padding=1)  # no ReLU: no ties at the threshold
+    res = dissect(conv, conv, ListData(items, ds.categories, ds.label_names), ds.num_labels, ds.primary_category,
+                  batch_size=7)
+    assert 0.004 <= res["frac_active_raw"] <= 0.006
+    assert 0 < res["frac_active"] < 0.05  # after bilinear upsampling: not pinned to q

@@ -38,6 +38,7 @@ def test_training_run_dissects_every_epoch(cfg_factory):
         assert sum(r[f"{p}unique/{c}"] for c in CATS) == r[p + "unique_detectors_percat"]
         assert r[p + "unique_detectors"] == r[f"{p}{layer}/unique_detectors"]
         assert 0 < r[p + "frac_active"] < 0.2 and 0 <= r[p + "median_score"] <= r[p + "mean_score"] * 10
+        assert 0 < r[p + "frac_active_raw"] <= 0.021  # q = 0.02 (+ one value); fewer where ReLU zeros tie at T_k
         assert r[f"{p}{layer}/quantile_method"] == "exact_topk"
     files = out / layer
     thresholds, ious = np.load(files / "thresholds.npy"), np.load(files / "iou.npy")

@@ -143,7 +143,8 @@ class IoUTally(Metric):
     States: ``intersection`` I (U, C+1), ``label_count`` G (C+1), ``act_paper`` A^paper (U, n_cat) (images
     having ≥1 label of primary category κ), ``act_lite`` A^lite (U, n_cat) ([LITE]: image adds |M_k| only if
     M_k overlaps a pixel label of category κ or the image has an image-level label of κ), ``act_total``
-    (U,) Σ_x |M_k(x)|, ``pixels`` Σ_x sh·sw, ``images``.
+    (U,) Σ_x |M_k(x)|, ``pixels`` Σ_x sh·sw, ``images``, ``raw_active`` (U,) raw values above T_k and
+    ``raw_values`` (values per unit).
 
     Args:
         num_units: U.
@@ -182,6 +183,8 @@ class IoUTally(Metric):
         self.add_state("act_lite", default=torch.zeros(U, K, dtype=z), dist_reduce_fx="sum")
         self.add_state("act_total", default=torch.zeros(U, dtype=z), dist_reduce_fx="sum")
         self.add_state("pixels", default=torch.tensor(0, dtype=z), dist_reduce_fx="sum")
+        self.add_state("raw_active", default=torch.zeros(U, dtype=z), dist_reduce_fx="sum")
+        self.add_state("raw_values", default=torch.tensor(0, dtype=z), dist_reduce_fx="sum")
         self.add_state("images", default=torch.tensor(0, dtype=z), dist_reduce_fx="sum")
 
     def _labels_of(self, labels: Mapping[str, torch.Tensor], mask_size, device):
@@ -301,12 +304,15 @@ class IoUTally(Metric):
         self.act_lite += torch.einsum("ub,ubk->uk", nM.double(), lite.double()).round().long()
         self.act_total += nM.sum(dim=1)
         self.pixels += B * P
+        self.raw_active += (a.flatten(2) > T32[None, :, None]).sum(dim=(0, 2))
+        self.raw_values += a[:, 0].numel()
         self.images += B
 
     def compute(self) -> dict[str, torch.Tensor]:
         return {"intersection": self.intersection, "label_count": self.label_count,
                 "act_paper": self.act_paper, "act_lite": self.act_lite, "act_total": self.act_total,
-                "pixels": self.pixels, "images": self.images}
+                "pixels": self.pixels, "images": self.images, "raw_active": self.raw_active,
+                "raw_values": self.raw_values}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -597,7 +603,9 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
 
     Returns dict: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1) float64,
     ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None if no
-    names), ``frac_active`` (mean |M|/(N·sh·sw) over units), ``quantile_method`` (the method used),
+    names), ``frac_active`` (mean |M|/(N·sh·sw) over units, after upsampling), ``frac_active_raw`` (mean share of
+    raw values above T_k: ≈ q by construction, lower where ties at T_k, e.g. ReLU zeros, fill the top quantile),
+    ``quantile_method`` (the method used),
     ``top_images`` ((topn, U) dataset indices or None).
     """
     categories = categories if categories is not None else getattr(data, "categories", None)
@@ -664,6 +672,7 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
     out = {"thresholds": T.cpu(), "tally": t, "iou": I, "labels": unit_labels(I, primary_category, tau, K),
            "counts": unique_detectors(I, primary_category, tau, K), "quantile_method": method,
            "frac_active": float(t["act_total"].double().mean() / max(int(t["pixels"]), 1)), "table": None,
+           "frac_active_raw": float(t["raw_active"].double().mean() / max(int(t["raw_values"]), 1)),
            "top_images": top.compute().cpu() if top is not None else None}
     if categories is not None and label_names is not None:
         out["table"] = tally_table(t, I, primary_category, label_names, categories, denominator)

@@ -8,7 +8,8 @@ preprocessing (``model_preprocess``: resize to the model's input size, the train
 
 Scalars (primary layer = first entry of ``layers``, also logged per layer as ``dissection/<layer>/<metric>``):
 ``unique_detectors`` (method A), ``unique_detectors_percat`` (method B), ``detectors``, ``unique/<cat>`` and
-``detectors/<cat>`` (method B), ``mean_score``, ``median_score``, ``frac_active``, ``threshold_mean``; with the
+``detectors/<cat>`` (method B), ``mean_score``, ``median_score``, ``frac_active`` (upsampled masks),
+``frac_active_raw`` (raw values above T_k, ≈ q unless ties fill the top quantile), ``threshold_mean``; with the
 baselines ``random_init/unique_detectors`` and ``rotation/alpha_<a>/unique_detectors``.
 
 Files under ``<run_dir>/analysis/dissection/<layer>/`` (rewritten at each analysed epoch, so they describe the
@@ -229,6 +230,7 @@ class DissectionCallback(AnalysisCallback):
         out: dict[str, float] = {"unique_detectors": c["unique_A"], "unique_detectors_percat": c["unique_B"],
                                  "detectors": c["detectors"], "mean_score": float(score.mean()),
                                  "median_score": float(np.median(score)), "frac_active": res["frac_active"],
+                                 "frac_active_raw": res["frac_active_raw"],
                                  "threshold_mean": float(res["thresholds"].mean())}
         for k, cat in enumerate(self.categories):
             out[f"unique/{cat}"] = c["unique_B_percat"][k]
