@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +13,7 @@ import torch.nn.functional as F
 from featurelens.analysis.dissection import (
     IoUTally,
     UnitQuantiles,
+    counts_from_tally,
     dissect,
     iou,
     make_quantiles,
@@ -370,3 +374,36 @@ def test_frac_active_raw_is_q_for_a_continuous_layer(broden):
                   batch_size=7)
     assert 0.004 <= res["frac_active_raw"] <= 0.006
     assert 0 < res["frac_active"] < 0.05  # after bilinear upsampling: not pinned to q
+
+
+def test_counts_from_the_tally_table_equal_the_tallies(broden):
+    ds, items = broden
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(3, 12, 3, stride=4, padding=1)
+    res = dissect(conv, conv, ListData(items, ds.categories, ds.label_names), ds.num_labels, ds.primary_category,
+                  q=0.05, batch_size=7)
+    assert res["counts"]["detectors"] > 0
+    from_csv = counts_from_tally(res["table"])
+    assert from_csv["categories"] == list(ds.categories)
+    for key in ("detectors", "unique_A", "unique_B", "unique_A_percat", "unique_B_percat", "detectors_percat"):
+        assert from_csv[key] == res["counts"][key], key
+
+
+REFERENCE_CSVS = {  # spec §7: NetDissect's released per-unit CSVs -> (method B, method A) unique detectors
+    "caffe_reference_imagenet.csv": (61, 50), "caffe_reference_places205.csv": (79, 60),
+    "caffe_reference_places365.csv": (91, 72), "ResNet-152-model_imagenet.csv": (242, 197),
+    "ResNet-152-model_places365.csv": (347, 278),
+}
+
+
+@pytest.mark.skipif(not os.environ.get("FEATURELENS_NETDISSECT_PLOT"),
+                    reason="set FEATURELENS_NETDISSECT_PLOT to a NetDissect checkout's plot/ folder")
+@pytest.mark.parametrize("name", sorted(REFERENCE_CSVS))
+def test_counting_regression_on_the_released_csvs(name):
+    import pandas as pd
+
+    path = Path(os.environ["FEATURELENS_NETDISSECT_PLOT"]) / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    counts = counts_from_tally(pd.read_csv(path))
+    assert (counts["unique_B"], counts["unique_A"]) == REFERENCE_CSVS[name]

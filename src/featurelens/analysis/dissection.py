@@ -7,7 +7,8 @@ Implements /work/shared/spec/dissection.md §2 with plain torch (+ torchmetrics 
   :func:`make_quantiles` picks it, or the documented ``subsample`` estimate when the exact buffer is too big.
 - :class:`IoUTally` — pass 2, integer tallies I (U, C+1), G (C+1), A^paper and A^lite (U, n_cat) (§2.3-§2.5).
 - :class:`TopImages` — the top-activating images per unit (for the strips, §5).
-- :func:`iou`, :func:`unit_labels`, :func:`unique_detectors` (methods A and B), :func:`tally_table` (§2.5-§2.6).
+- :func:`iou`, :func:`unit_labels`, :func:`unique_detectors` (methods A and B), :func:`tally_table`,
+  :func:`counts_from_tally` (the counts from a tally CSV alone) (§2.5-§2.6).
 - :func:`dissect` — both passes with a forward hook on ``layer_module`` (eval, no_grad, sharded across ranks);
   :func:`unit_masks` — one unit's M_k on a few images; :func:`default_layer`, :func:`resolve_layer`.
 - :func:`random_rotation` — Q^alpha for the random-rotation baseline; :func:`random_init_copy` — the
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 
 __all__ = [
-    "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "default_layer",
+    "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "counts_from_tally", "default_layer",
     "dissect", "iou", "make_quantiles", "random_init_copy", "random_rotation", "resolve_layer", "tally_table",
     "unique_detectors", "unit_labels", "unit_masks",
 ]
@@ -414,6 +415,28 @@ def tally_table(tally, iou_: torch.Tensor, primary_category, label_names: Sequen
         rows.append(row)
     df = pd.DataFrame(rows)
     return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def counts_from_tally(table: pd.DataFrame, tau: float = 0.04) -> dict:
+    """Detector counts (§2.6) from a ``tally.csv`` table alone: this project's, or the per-unit CSVs that
+    NetDissect released with the paper (``plot/*.csv``, the same layout), for the counting regression of §6.
+
+    Method A: distinct top labels of the units with ``score > tau``; method B: per category κ, distinct
+    ``κ-label`` of the units with ``κ-iou > tau``. Returns the keys of :func:`unique_detectors`, with the
+    per-category lists in the order of the table's ``κ-label`` columns, plus ``categories``.
+    """
+    categories = [c[: -len("-label")] for c in table.columns if c.endswith("-label")]
+    det = table[table["score"] > tau]
+    a_labels = set(zip(det["category"], det["label"], strict=True))
+    out = {"categories": categories, "detectors": len(det), "unique_A": len(a_labels),
+           "unique_A_percat": [sum(1 for c, _ in a_labels if c == k) for k in categories],
+           "unique_B_percat": [], "detectors_percat": []}
+    for k in categories:
+        hit = table[table[f"{k}-iou"] > tau]
+        out["unique_B_percat"].append(int(hit[f"{k}-label"].nunique()))
+        out["detectors_percat"].append(len(hit))
+    out["unique_B"] = sum(out["unique_B_percat"])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
