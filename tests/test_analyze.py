@@ -58,3 +58,14 @@ def test_missing_model_is_a_clear_error(cfg_factory):
     cfg = cfg_factory("logger=none", name="none", config_name="analyze")
     with pytest.raises(ConfigError, match="pass ckpt_path"):
         analyze(cfg)
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "use auto, cpu, cuda or cuda:N"),
+                                             ("cuda", "no CUDA device here")])
+def test_bad_device_is_a_clear_error(cfg_factory, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = cfg_factory("logger=none", "model=small_cnn", "data=shapes", f"device={device}", name=device,
+                      config_name="analyze")
+    with pytest.raises(ConfigError, match=message):
+        analyze(cfg)

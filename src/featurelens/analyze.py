@@ -57,6 +57,9 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg)
     out_dir = Path(cfg.paths.output_dir)
     net, data_cfg, epoch, step = load_model(cfg)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.get("device", "auto") == "auto"
+                          else cfg.device)
+    net = net.to(device)
     data_cfg = {k: v for k, v in data_cfg.items() if k != "_target_"}
     datamodule = build({"_target_": "featurelens.data.ImageDataModule", **data_cfg})
     analyses: list[AnalysisCallback] = instantiate_all(cfg.get("analysis"))
@@ -66,9 +69,11 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     records = {}
     for cb in analyses:
         def probe(cb: AnalysisCallback = cb) -> tuple[torch.Tensor, torch.Tensor]:
-            return datamodule.probe_set(cb.probe_size, cb.probe_seed)
+            x, y = datamodule.probe_set(cb.probe_size, cb.probe_seed)
+            return x.to(device), y.to(device)
 
-        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, probe=probe, datamodule=datamodule)
+        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, probe=probe, datamodule=datamodule,
+                              device=device)
         records[cb.name] = cb.run_once(net, ctx)
         if getattr(cb, "finetune", {}).get("enabled"):
             accs = cb.run_finetune(net, ctx)

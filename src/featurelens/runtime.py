@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -101,6 +103,12 @@ def validate_config(cfg: DictConfig) -> None:
         if node is not None and node.get("every_n_epochs") is not None:
             _check(_positive_int(node.every_n_epochs), f"analysis.{name}.every_n_epochs", node.every_n_epochs,
                    "must be a positive integer")
+    if "device" in cfg:
+        dev = str(cfg.device)
+        _check(dev in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", dev) is not None, "device", dev,
+               "use auto, cpu, cuda or cuda:N")
+        _check(not dev.startswith("cuda") or torch.cuda.is_available(), "device", dev,
+               "no CUDA device here; use device=auto or cpu")
     ckpt = cfg.get("ckpt_path")
     if ckpt is not None:
         _check(Path(str(ckpt)).expanduser().is_file(), "ckpt_path", str(ckpt), "no such checkpoint file")
