@@ -342,7 +342,7 @@ class _Standardised(nn.Module):
 class PairSet:
     """Training pairs. ``w`` ``(N, m)``, ``r`` ``(N, d)``, ``labels``/``seeds`` ``(N,)`` int64, in class then seed
     order; per selected class (aligned with ``classes``): ``keep_rate`` (kept / draws spent) and ``n_draws``
-    (draws spent, ``<= max_draws``); ``images`` only when requested."""
+    (draws spent, ``<= max_draws``)."""
 
     w: Tensor
     r: Tensor
@@ -353,7 +353,6 @@ class PairSet:
     n_draws: Tensor
     n_kept: Tensor
     max_draws: int
-    images: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.numel())
@@ -407,7 +406,6 @@ def build_pairs(
     seed_stride: int | None = None,
     batch_size: int = 64,
     keep_filter: bool = True,
-    return_images: bool = False,
 ) -> PairSet:
     """Draw, synthesise, classify and keep (spec §3, "Training pairs").
 
@@ -421,7 +419,7 @@ def build_pairs(
     """
     max_draws = _check_pair_args(classes, n_per_class, draw_factor, seed_stride)
     stride = max_draws if seed_stride is None else int(seed_stride)
-    out: dict[str, list[Tensor]] = {"w": [], "r": [], "labels": [], "seeds": [], "images": []}
+    out: dict[str, list[Tensor]] = {"w": [], "r": [], "labels": [], "seeds": []}
     keep_rates, draws, kept_counts = [], [], []
     for c in classes:
         kept, k = 0, 0
@@ -443,15 +441,9 @@ def build_pairs(
             out["r"].append(r[idx].cpu())
             out["seeds"].append(seeds[idx])
             out["labels"].append(torch.full((idx.numel(),), int(c), dtype=torch.int64))
-            if return_images:
-                out["images"].append(images[idx].cpu())
         keep_rates.append(kept / k if k else 0.0)
         draws.append(k)
         kept_counts.append(kept)
-    return _pairset(out, classes, keep_rates, draws, kept_counts, max_draws, return_images)
-
-
-def _pairset(out, classes, keep_rates, draws, kept_counts, max_draws, with_images) -> PairSet:
     return PairSet(
         w=torch.cat(out["w"]),
         r=torch.cat(out["r"]),
@@ -462,7 +454,6 @@ def _pairset(out, classes, keep_rates, draws, kept_counts, max_draws, with_image
         n_draws=torch.tensor(draws, dtype=torch.int64),
         n_kept=torch.tensor(kept_counts, dtype=torch.int64),
         max_draws=max_draws,
-        images=torch.cat(out["images"]) if with_images else None,
     )
 
 

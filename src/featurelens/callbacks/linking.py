@@ -155,7 +155,7 @@ class LinkingCallback(AnalysisCallback):
         values["mse_train"] = stats.train_scores(lmap)["mse"]
         values["rank"] = int(lmap.rank) if lmap.rank is not None else d
         held = lk.build_pairs(gen, E, None, classes, p["heldout_per_class"], p["draw_factor"], p["heldout_base"],
-                              self.psi, batch_size=self.batch_size, return_images=True)
+                              self.psi, batch_size=self.batch_size)
         if len(held):
             scores = lk.evaluate_map(lmap, held.r.double(), held.w.double())
             values.update(r2_heldout=scores["r2_mean"], r2_pooled=scores["r2_pooled"], mse_heldout=scores["mse"])
@@ -178,11 +178,11 @@ class LinkingCallback(AnalysisCallback):
 
     def _cycle(self, gen, E, lmap, held) -> dict[str, float]:
         _, r_c, logits_c = self._synth_encode(gen, E, lmap, held.r)
-        _, logits = E(held.images)
+        # held-out pairs passed the keep filter, so argmax E(x) is their label: no second forward pass needed
         with torch.no_grad():
             w_c = lmap(r_c.double().cpu())
         r, rc = held.r.double().cpu(), r_c.double().cpu()
-        return {"cycle_top1": float((logits_c.argmax(1).cpu() == logits.argmax(1).cpu()).double().mean()),
+        return {"cycle_top1": float((logits_c.argmax(1).cpu() == held.labels).double().mean()),
                 "w_cos": float(torch.nn.functional.cosine_similarity(held.w.double().cpu(), w_c.cpu(), dim=1).mean()),
                 "r_cycle_corr_unit": _median_corr(r, rc, dim=0), "r_cycle_corr_sample": _median_corr(r, rc, dim=1)}
 
