@@ -9,7 +9,8 @@ Implements /work/shared/spec/dissection.md §2 with plain torch (+ torchmetrics 
 - :class:`TopImages` — the top-activating images per unit (for the strips, §5).
 - :func:`iou`, :func:`unit_labels`, :func:`unique_detectors` (methods A and B), :func:`tally_table`,
   :func:`counts_from_tally` (the counts from a tally CSV alone) (§2.5-§2.6).
-- :func:`dissect` — both passes with a forward hook on ``layer_module`` (eval, no_grad, sharded across ranks);
+- :func:`dissect_layers` / :func:`dissect` — both passes with forward hooks on the layers, all layers in the same
+  two passes (eval, no_grad, sharded across ranks);
   :func:`unit_masks` — one unit's M_k on a few images; :func:`default_layer`, :func:`resolve_layer`.
 - :func:`random_rotation` — Q^alpha for the random-rotation baseline; :func:`random_init_copy` — the
   random-init baseline (§2.7).
@@ -32,8 +33,8 @@ from torchmetrics import Metric
 
 __all__ = [
     "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "counts_from_tally", "default_layer",
-    "dissect", "iou", "make_quantiles", "random_init_copy", "random_rotation", "resolve_layer", "tally_table",
-    "unique_detectors", "unit_labels", "unit_masks",
+    "dissect", "dissect_layers", "iou", "make_quantiles", "random_init_copy", "random_rotation", "resolve_layer",
+    "tally_table", "unique_detectors", "unit_labels", "unit_masks",
 ]
 
 EPS = 1e-10  # §2.5 epsilon in the IoU denominator
@@ -606,100 +607,140 @@ def _collate_indexed(batch):
     return torch.stack(list(xs)), list(labels), torch.tensor(idx)
 
 
-def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_labels: int, primary_category,
-            q: float | Sequence[float] = 0.005, denominator: str = "paper", device: str | torch.device = "cpu",
-            rotation: torch.Tensor | None = None, batch_size: int = 64, tau: float = 0.04,
-            categories: Sequence[str] | None = None, label_names: Sequence[str] | None = None,
-            quantile_method: str = "exact_topk", max_bytes: int = 2 * 1024**3, preprocess=None,
-            shard: tuple[int, int] = (0, 1), topn: int = 0, num_workers: int = 0,
-            progress: bool = False) -> dict:
-    """Run both streaming passes (§2.2 thresholds, §2.5 tallies) on ``layer_module``'s output.
+class _StopForward(Exception):
+    """Raised by the last capturing hook: the layers above the dissected ones need not run."""
+
+
+def _layer_output(out) -> torch.Tensor:
+    """A hooked module's output as a float (B, U, h, w) copy (an in-place ReLU after it must not change it)."""
+    a = (out[0] if isinstance(out, tuple | list) else out).detach().float().clone()
+    return a[:, :, None, None] if a.ndim == 2 else a
+
+
+def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module], data, num_labels: int,
+                   primary_category, q: float | Sequence[float] = 0.005, denominator: str = "paper",
+                   device: str | torch.device = "cpu", rotations: Mapping[str, torch.Tensor] | None = None,
+                   batch_size: int = 64,
+                   tau: float = 0.04, categories: Sequence[str] | None = None,
+                   label_names: Sequence[str] | None = None, quantile_method: str = "exact_topk",
+                   max_bytes: int = 2 * 1024**3, preprocess=None, shard: tuple[int, int] = (0, 1), topn: int = 0,
+                   num_workers: int = 0, progress: bool = False) -> dict[str, dict]:
+    """Run both streaming passes (§2.2 thresholds, §2.5 tallies) on the outputs of ``layers`` ({name: module}).
+
+    All layers are hooked at once, so the data is read and the model run twice in all, whatever the number of
+    layers; each forward pass stops after the last hooked layer. Several names may hook the same module (e.g. with
+    different rotations).
 
     Args:
         data: a sized Dataset of ``(x, {category: tensor})`` items (e.g. :class:`BrodenDataset`); images in
             [0, 1], passed through ``preprocess`` (the model's own normalisation) before the model.
-        rotation: optional (U, U) matrix R; the hooked activations are replaced by R·A per pixel (§2.7).
+        rotations: optional {layer name: (U, U) matrix R}; that layer's activations are replaced by R·A per pixel
+            (the rotation baseline, §2.7).
         categories / label_names: for the table (default: ``data.categories`` / ``data.label_names`` if present).
         shard: (rank, world size): this process reads every world-th image; the Metrics sync across ranks
             when torch.distributed is initialised, so every rank returns the same global result.
         topn: also track the ``topn`` images with the highest max activation per unit (``top_images``).
 
-    Returns dict: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1) float64,
-    ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None if no
-    names), ``frac_active`` (mean |M|/(N·sh·sw) over units, after upsampling), ``frac_active_raw`` (mean share of
-    raw values above T_k: ≈ q by construction, lower where ties at T_k, e.g. ReLU zeros, fill the top quantile),
-    ``quantile_method`` (the method used),
-    ``top_images`` ((topn, U) dataset indices or None).
+    Returns {layer name: dict}: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1)
+    float64, ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None
+    if no names), ``frac_active`` (mean |M|/(N·sh·sw) over units, after upsampling), ``frac_active_raw`` (mean
+    share of raw values above T_k: ≈ q by construction, lower where ties at T_k, e.g. ReLU zeros, fill the top
+    quantile), ``quantile_method`` (the method used), ``top_images`` ((topn, U) dataset indices or None).
     """
+    if not layers:
+        raise ValueError("no layer to dissect")
     categories = categories if categories is not None else getattr(data, "categories", None)
     label_names = label_names if label_names is not None else getattr(data, "label_names", None)
-    def loader(images_only: bool):
-        return torch.utils.data.DataLoader(_Shard(data, *shard, images_only=images_only), batch_size=batch_size,
-                                           shuffle=False, collate_fn=_collate_indexed, num_workers=num_workers)
-
     n_images = len(data)
     device = torch.device(device)
+    rots = {name: torch.as_tensor(r, dtype=torch.float32, device=device) for name, r in (rotations or {}).items()}
     captured: dict[str, torch.Tensor] = {}
-    rot = None if rotation is None else torch.as_tensor(rotation, dtype=torch.float32, device=device)
 
-    def hook(_module, _inp, out):
-        a = out[0] if isinstance(out, tuple | list) else out
-        a = a.detach().float().clone()  # clone: an in-place ReLU after the hooked module must not change it
-        if a.ndim == 2:
-            a = a[:, :, None, None]
-        if rot is not None:
-            a = torch.einsum("ij,bjhw->bihw", rot, a)
-        captured["a"] = a
+    def make_hook(name: str):
+        rot = rots.get(name)
 
-    def forward(x):
+        def hook(_module, _inp, out):
+            a = _layer_output(out)
+            captured[name] = a if rot is None else torch.einsum("ij,bjhw->bihw", rot, a)
+            if len(captured) == len(layers):
+                raise _StopForward
+
+        return hook
+
+    def forward(x) -> dict[str, torch.Tensor]:
         x = x.to(device)
-        model(preprocess(x) if preprocess is not None else x)
-        return captured.pop("a")
+        try:
+            model(preprocess(x) if preprocess is not None else x)
+        except _StopForward:
+            pass
+        acts = dict(captured)
+        captured.clear()
+        return acts
 
-    def batches(desc, images_only):
+    def batches(desc: str, images_only: bool):
+        loader = torch.utils.data.DataLoader(_Shard(data, *shard, images_only=images_only), batch_size=batch_size,
+                                             shuffle=False, collate_fn=_collate_indexed, num_workers=num_workers)
         if not progress:
-            return loader(images_only)
+            return loader
         from tqdm.auto import tqdm
 
-        return tqdm(loader(images_only), desc=desc, leave=False)
+        return tqdm(loader, desc=desc, leave=False)
 
+    K = len(categories) if categories is not None else None
+    quant: dict[str, UnitQuantiles] = {}
+    method: dict[str, str] = {}
+    top: dict[str, TopImages] = {}
     was_training = model.training
     model.eval()
-    handle = layer_module.register_forward_hook(hook)
+    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
     try:
         with torch.no_grad():
-            quant = top = None
             for x, _, idx in batches("dissection pass 1/2", True):
-                a = forward(x)
-                if quant is None:
-                    quant, method = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
-                                                   quantile_method, max_bytes)
-                    quant = quant.to(device)
-                    top = TopImages(a.shape[1], topn).to(device) if topn else None
-                quant.update(a)
-                if top is not None:
-                    top.update(a, idx)
-            if quant is None:
+                for name, a in forward(x).items():
+                    if name not in quant:
+                        q_metric, method[name] = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
+                                                                quantile_method, max_bytes)
+                        quant[name] = q_metric.to(device)
+                        if topn:
+                            top[name] = TopImages(a.shape[1], topn).to(device)
+                    quant[name].update(a)
+                    if name in top:
+                        top[name].update(a, idx)
+            if not quant:
                 raise ValueError("empty dataset")
-            T = quant.compute()
-            K = len(categories) if categories is not None else None
-            tally = IoUTally(a.shape[1], num_labels, primary_category, num_categories=K).to(device)
+            T = {name: m.compute() for name, m in quant.items()}
+            tally = {name: IoUTally(T[name].numel(), num_labels, primary_category, num_categories=K).to(device)
+                     for name in layers}
             for x, labels, _ in batches("dissection pass 2/2", False):
-                tally.update(forward(x), labels, T)
-            t = {k: v.cpu() for k, v in tally.compute().items()}
+                for name, a in forward(x).items():
+                    tally[name].update(a, labels, T[name])
+            tallies = {name: {k: v.cpu() for k, v in m.compute().items()} for name, m in tally.items()}
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    I = iou(t, primary_category, denominator)
-    K = tally.num_categories
-    out = {"thresholds": T.cpu(), "tally": t, "iou": I, "labels": unit_labels(I, primary_category, tau, K),
-           "counts": unique_detectors(I, primary_category, tau, K), "quantile_method": method,
-           "frac_active": float(t["act_total"].double().mean() / max(int(t["pixels"]), 1)), "table": None,
-           "frac_active_raw": float(t["raw_active"].double().mean() / max(int(t["raw_values"]), 1)),
-           "top_images": top.compute().cpu() if top is not None else None}
-    if categories is not None and label_names is not None:
-        out["table"] = tally_table(t, I, primary_category, label_names, categories, denominator)
-    return out
+    results = {}
+    for name, t in tallies.items():
+        I = iou(t, primary_category, denominator)
+        n_cat = tally[name].num_categories
+        res = {"thresholds": T[name].cpu(), "tally": t, "iou": I,
+               "labels": unit_labels(I, primary_category, tau, n_cat),
+               "counts": unique_detectors(I, primary_category, tau, n_cat), "quantile_method": method[name],
+               "frac_active": float(t["act_total"].double().mean() / max(int(t["pixels"]), 1)),
+               "frac_active_raw": float(t["raw_active"].double().mean() / max(int(t["raw_values"]), 1)),
+               "top_images": top[name].compute().cpu() if name in top else None, "table": None}
+        if categories is not None and label_names is not None:
+            res["table"] = tally_table(t, I, primary_category, label_names, categories, denominator)
+        results[name] = res
+    return results
+
+
+def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_labels: int, primary_category,
+            rotation: torch.Tensor | None = None, **kwargs) -> dict:
+    """:func:`dissect_layers` for one layer (optionally rotated by ``rotation``): its result dict."""
+    rotations = None if rotation is None else {"layer": rotation}
+    return dissect_layers(model, {"layer": layer_module}, data, num_labels, primary_category, rotations=rotations,
+                          **kwargs)["layer"]
 
 
 def unit_masks(model: torch.nn.Module, layer_module: torch.nn.Module, images: torch.Tensor, unit: int,
@@ -708,16 +749,16 @@ def unit_masks(model: torch.nn.Module, layer_module: torch.nn.Module, images: to
     captured: list[torch.Tensor] = []
 
     def hook(_module, _inp, out):
-        captured.append((out[0] if isinstance(out, tuple | list) else out).detach().float().clone())
+        captured.append(_layer_output(out))
+        raise _StopForward
 
     handle = layer_module.register_forward_hook(hook)
     try:
         with torch.no_grad():
             model(preprocess(images) if preprocess is not None else images)
+    except _StopForward:
+        pass
     finally:
         handle.remove()
-    a = captured[0][:, unit:unit + 1]
-    if a.ndim == 2:
-        a = a[:, :, None, None]
-    S = F.interpolate(a, size=tuple(mask_size), mode="bilinear", align_corners=False)[:, 0]
-    return S.to(torch.float64) > threshold
+    S = F.interpolate(captured[0][:, unit:unit + 1], size=tuple(mask_size), mode="bilinear", align_corners=False)
+    return S[:, 0].to(torch.float64) > threshold

@@ -169,18 +169,20 @@ class DissectionCallback(AnalysisCallback):
         self._data = _InMemory(ds) if not self.broden_dir else ds
         return self._data
 
-    def _dissect(self, model: nn.Module, layer: str, ctx: AnalysisContext, **kwargs) -> dict[str, Any]:
+    def _dissect(self, model: nn.Module, layers: dict[str, str], ctx: AnalysisContext,
+                 **kwargs) -> dict[str, dict[str, Any]]:
+        """Dissect {result name: module name} of ``model`` in one pair of passes."""
         data = self.dataset(ctx)
         try:
-            module = nd.resolve_layer(model, layer)
+            modules = {name: nd.resolve_layer(model, layer) for name, layer in layers.items()}
         except ValueError as e:
             raise ConfigError(f"analysis.dissection.layers: {e}") from None
-        return nd.dissect(model, module, data, len(data.label_names), data.primary_category, q=self.quantile["q"],
-                          denominator=self.denominator, device=ctx.device, batch_size=self.batch_size,
-                          tau=self.tau, quantile_method=self.quantile["method"],
-                          max_bytes=int(self.quantile["max_bytes"]), preprocess=model_preprocess(ctx),
-                          shard=ctx.shard, num_workers=self.num_workers,
-                          progress=len(data) >= 2000, **kwargs)
+        return nd.dissect_layers(model, modules, data, len(data.label_names), data.primary_category,
+                                 q=self.quantile["q"], denominator=self.denominator, device=ctx.device,
+                                 batch_size=self.batch_size, tau=self.tau, quantile_method=self.quantile["method"],
+                                 max_bytes=int(self.quantile["max_bytes"]), preprocess=model_preprocess(ctx),
+                                 shard=ctx.shard, num_workers=self.num_workers, progress=len(data) >= 2000,
+                                 **kwargs)
 
     # ------------------------------------------------------------------ analysis
     def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
@@ -190,18 +192,19 @@ class DissectionCallback(AnalysisCallback):
             raise ConfigError(f"analysis.dissection.layers: {e}") from None
         values: dict[str, Any] = {}
         self._last = {}
+        results = self._dissect(model, {layer: layer for layer in layers}, ctx, topn=self.topn_images)
         for i, layer in enumerate(layers):
-            res = self._dissect(model, layer, ctx, topn=self.topn_images)
-            self._last[layer] = res
+            res = self._last[layer] = results[layer]
             scalars = self._scalars(res)
             values.update({f"{layer}/{k}": v for k, v in scalars.items()})
             if i == 0:
                 values.update(scalars)
             values[f"{layer}/quantile_method"] = res["quantile_method"]
-            values[f"{layer}/counts"] = self._counts(res)
+            values[f"{layer}/counts"] = res["counts_json"] = self._counts(res)
         primary = layers[0]
         if self.random_init["enabled"] and ctx.final:
-            res = self._dissect(nd.random_init_copy(model, int(self.random_init["seed"])), primary, ctx)
+            res = self._dissect(nd.random_init_copy(model, int(self.random_init["seed"])), {primary: primary},
+                                ctx)[primary]
             values.update({f"random_init/{k}": v for k, v in self._scalars(res).items()
                            if k.startswith(("unique", "detectors"))})
         if self.rotation["enabled"] and ctx.final:
@@ -209,15 +212,15 @@ class DissectionCallback(AnalysisCallback):
         return values
 
     def _rotation(self, model: nn.Module, layer: str, ctx: AnalysisContext) -> dict[str, Any]:
+        """All seeds x powers in one pair of passes: each rotation hooks the same layer under its own name."""
         units = self._last[layer]["thresholds"].numel()
-        rows = []
-        for seed in range(int(self.rotation["seeds"])):
-            for alpha in self.rotation["alphas"]:
-                gen = torch.Generator().manual_seed(seed)
-                rot = nd.random_rotation(units, float(alpha), gen)
-                res = self._dissect(model, layer, ctx, rotation=rot)
-                rows.append({"seed": seed, "alpha": float(alpha), **{k: v for k, v in self._scalars(res).items()
-                                                                     if "/" not in k}})
+        runs = {f"seed{seed}_alpha{float(alpha):g}": (seed, float(alpha))
+                for seed in range(int(self.rotation["seeds"])) for alpha in self.rotation["alphas"]}
+        rotations = {name: nd.random_rotation(units, alpha, torch.Generator().manual_seed(seed))
+                     for name, (seed, alpha) in runs.items()}
+        results = self._dissect(model, dict.fromkeys(runs, layer), ctx, rotations=rotations)
+        rows = [{"seed": seed, "alpha": alpha, **{k: v for k, v in self._scalars(results[name]).items()
+                                                 if "/" not in k}} for name, (seed, alpha) in runs.items()]
         out: dict[str, Any] = {"rotation/table": rows}
         for alpha in self.rotation["alphas"]:
             sel = [r for r in rows if r["alpha"] == float(alpha)]
@@ -261,7 +264,7 @@ class DissectionCallback(AnalysisCallback):
             table.to_csv(out / "tally.csv", index=False)
             np.save(out / "thresholds.npy", res["thresholds"].numpy())
             np.save(out / "iou.npy", res["iou"].numpy().astype(np.float32))
-            counts = self._counts(res)
+            counts = res["counts_json"]
             (out / "counts.json").write_text(json.dumps({"epoch": ctx.epoch, **counts}, indent=1))
             log.info("dissection %s, epoch %d: %s (method A; method B: %d unique)", layer, ctx.epoch,
                      counts["header"], counts["unique_B"])
