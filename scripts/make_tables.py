@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from scipy.stats import f_oneway, spearmanr
 
 from featurelens import plots
@@ -47,15 +48,20 @@ def find_jobs(sweep_dirs: list[Path]) -> tuple[list[Path], list[Path]]:
     return [j for j in jobs if j not in failed], failed
 
 
+def analysed_jobs(jobs: list[Path], name: str) -> Iterator[tuple[Path, DictConfig, list[dict]]]:
+    """(job dir, its composed config, its records) for each job with records of analysis ``name``."""
+    for job in jobs:
+        results = job / "analysis" / name / "results.jsonl"
+        records = read_results(results) if results.exists() else []
+        if records:
+            yield job, OmegaConf.load(job / ".hydra" / "config.yaml"), records
+
+
 def chirality_frame(jobs: list[Path]) -> pd.DataFrame:
     """One row per job and analysed epoch."""
     rows = []
-    for job in jobs:
-        results = job / "analysis" / "chirality" / "results.jsonl"
-        if not results.exists():
-            continue
-        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-        for r in read_results(results):
+    for job, cfg, records in analysed_jobs(jobs, "chirality"):
+        for r in records:
             if r.get("chirality/model") is None:
                 continue
             rows.append({"job": job.name, "model": cfg.model.arch, "init": cfg.init.method, "seed": cfg.seed,
@@ -157,12 +163,8 @@ def class_filters_frame(jobs: list[Path]) -> pd.DataFrame:
     """One row per job: the final epoch's class-filter values, with model, depth and seed."""
     rows = []
     p = "class_filters/"
-    for job in jobs:
-        results = job / "analysis" / "class_filters" / "results.jsonl"
-        records = read_results(results) if results.exists() else []
-        if not records:
-            continue
-        cfg, last = OmegaConf.load(job / ".hydra" / "config.yaml"), records[-1]
+    for job, cfg, records in analysed_jobs(jobs, "class_filters"):
+        last = records[-1]
         channels = cfg.model.get("channels")
         model = cfg.model.arch + (f"[{len(channels)} conv]" if channels is not None else "")
         rows.append({"job": job.name, "model": model, "seed": cfg.seed, "epoch": last["epoch"],
@@ -233,12 +235,8 @@ def specialization_frame(jobs: list[Path]) -> pd.DataFrame:
     """One row per job and analysed epoch, labelled ``init`` (epoch 0) or ``trained`` (the last epoch)."""
     rows = []
     p = "specialization/"
-    for job in jobs:
+    for job, cfg, records in analysed_jobs(jobs, "specialization"):
         out = job / "analysis" / "specialization"
-        records = read_results(out / "results.jsonl") if (out / "results.jsonl").exists() else []
-        if not records:
-            continue
-        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         last = max(r["epoch"] for r in records)
         for r in records:
             if r["epoch"] not in (0, last):
@@ -306,12 +304,8 @@ def dissection_frame(jobs: list[Path]) -> pd.DataFrame:
     """One row per job, analysed epoch and dissected layer (the primary layer carries the baselines)."""
     rows = []
     p = "dissection/"
-    for job in jobs:
-        results = job / "analysis" / "dissection" / "results.jsonl"
-        if not results.exists():
-            continue
-        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
-        for r in read_results(results):
+    for job, cfg, records in analysed_jobs(jobs, "dissection"):
+        for r in records:
             layers = [k[len(p):-len("/unique_detectors")] for k in r  # dissection/<layer>/unique_detectors
                       if k.startswith(p) and k.endswith("/unique_detectors") and k.count("/") == 2
                       and not k.startswith(p + "random_init/")]
@@ -374,12 +368,8 @@ LINKING_KEYS = ("keep_rate", "n_pairs", "r2_heldout", "r2_pooled", "cycle_top1",
 def linking_frame(jobs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The last analysed epoch of every job, and its selective units (one row per unit, part and measure)."""
     rows, selective = [], []
-    for job in jobs:
+    for job, cfg, records in analysed_jobs(jobs, "linking"):
         out = job / "analysis" / "linking"
-        records = read_results(out / "results.jsonl") if (out / "results.jsonl").exists() else []
-        if not records:
-            continue
-        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         r = records[-1]
         head = cfg.analysis.linking.head_module or "last Linear"
         rows.append({"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "layer": f"input of {head}",

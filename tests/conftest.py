@@ -73,6 +73,31 @@ def cfg_factory(tmp_path):
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture
+def offline_wandb(monkeypatch, tmp_path):
+    """``run(cfg) -> run dir``: train ``cfg`` with W&B in offline mode (no login, no socket) under tmp_path."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+
+    def run(cfg: DictConfig) -> Path:
+        import wandb
+
+        from featurelens.train import train
+
+        try:
+            train(cfg)
+        finally:
+            wandb.finish()
+        return Path(cfg.paths.output_dir)
+
+    return run
+
+
+def wandb_media(run_dir: Path) -> set[str]:
+    """The key stems of the images and tables an offline W&B run under ``run_dir`` logged."""
+    return {p.name.split("_")[0] for p in run_dir.glob("wandb/offline-run-*/files/media/**/*") if p.is_file()}
+
+
 class CrashAt(pl.Callback):
     """Kills a run at ``batch`` of ``epoch`` (0-based), as a dying machine would."""
 

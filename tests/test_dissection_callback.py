@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, wandb_media
 
 from featurelens.analyze import analyze
 from featurelens.callbacks import DissectionCallback
@@ -126,18 +126,9 @@ def test_default_layers():
         default_layer(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
 
-def test_tables_and_figures_reach_an_offline_wandb_run(cfg_factory, tmp_path, monkeypatch):
-    import wandb
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+def test_tables_and_figures_reach_an_offline_wandb_run(cfg_factory, offline_wandb):
     base = [o for o in TINY if not o.startswith(("analysis.", "logger"))]
-    cfg = cfg_factory(*DISSECT, "logger=wandb", "trainer.max_epochs=1", name="wb", base=base)
-    try:
-        train(cfg)
-    finally:
-        wandb.finish()
-    media = {p.name.split("_")[0] for p in Path(cfg.paths.output_dir).glob("wandb/offline-run-*/files/media/**/*")
-             if p.is_file()}
+    media = wandb_media(offline_wandb(cfg_factory(*DISSECT, "logger=wandb", "trainer.max_epochs=1", name="wb",
+                                                  base=base)))
     # tally.csv as a table; the bar chart, score histogram, unique-vs-epoch figure and the top-image strips
     assert {"tally", "detectors", "score", "unique", "topimages"} <= media, media

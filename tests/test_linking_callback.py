@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, wandb_media
 
 from featurelens.analysis.linking import LinkingMap
 from featurelens.analyze import analyze
@@ -99,20 +99,10 @@ def test_cpu_targets_on_a_trained_classifier_and_cvae(cfg_factory):
     torch.testing.assert_close(torch.tensor(rec["linking/n_pairs"]), torch.tensor(600.0))
 
 
-def test_tables_and_figures_reach_an_offline_wandb_run(cfg_factory, tmp_path, monkeypatch):
-    import wandb
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+def test_tables_and_figures_reach_an_offline_wandb_run(cfg_factory, offline_wandb):
     base = [o for o in TINY if not o.startswith(("analysis.", "data.", "logger"))]
-    cfg = cfg_factory(*DIGITS, *LINK, "logger=wandb", "model.channels=[8,16]", "trainer.max_epochs=1", name="wb",
-                      base=base)
-    try:
-        train(cfg)
-    finally:
-        wandb.finish()
-    media = {p.name.split("_")[0] for p in Path(cfg.paths.output_dir).glob("wandb/offline-run-*/files/media/**/*")
-             if p.is_file()}
+    media = wandb_media(offline_wandb(cfg_factory(*DIGITS, *LINK, "logger=wandb", "model.channels=[8,16]",
+                                                  "trainer.max_epochs=1", name="wb", base=base)))
     assert {"cf", "unit", "counterfactuals"} <= media, media  # the counterfactual table, sweep and path images
 
 

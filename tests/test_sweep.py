@@ -24,6 +24,12 @@ def _sweep(tmp_path: Path, *args: str, cli: list[str] = TINY_CLI) -> subprocess.
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
 
+def _make_tables(tmp_path: Path) -> subprocess.CompletedProcess:
+    """``scripts/make_tables.py <tmp_path>/sweep --out <tmp_path>/tables``."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
+                           "--out", str(tmp_path / "tables")], capture_output=True, text=True, timeout=300)
+
+
 def test_2x2_sweep_runs_every_job_and_builds_the_table(tmp_path):
     res = _sweep(tmp_path, "model=small_cnn", "model.channels=[4,8]", "init=kaiming,xavier", "seed=0,1")
     assert res.returncode == 0, res.stderr[-3000:]
@@ -34,8 +40,7 @@ def test_2x2_sweep_runs_every_job_and_builds_the_table(tmp_path):
         assert (job / "metrics.json").is_file() and (job / "analysis/chirality/results.jsonl").is_file()
 
     out = tmp_path / "tables"
-    table = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
-                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+    table = _make_tables(tmp_path)
     assert table.returncode == 0, table.stderr
     csv = pd.read_csv(out / "chirality_init.csv")
     assert sorted(csv.init) == ["kaiming_normal", "xavier_normal"]
@@ -53,8 +58,7 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     good, bad = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert (good / "metrics.json").is_file()
     assert "optimizer.lr=-1" in (bad / "FAILED").read_text()
-    table = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
-                            "--out", str(tmp_path / "tables")], capture_output=True, text=True, timeout=300)
+    table = _make_tables(tmp_path)
     assert table.returncode == 0 and "skipping failed" in table.stderr
 
 
@@ -100,8 +104,7 @@ def test_specialization_sweep_builds_the_init_vs_trained_table(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    table = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
-                            "--out", str(tmp_path / "tables")], capture_output=True, text=True, timeout=300)
+    table = _make_tables(tmp_path)
     assert table.returncode == 0, table.stderr
     csv = pd.read_csv(tmp_path / "tables/specialization.csv")
     assert sorted(zip(csv.state, csv.partition, strict=True)) == [
@@ -118,8 +121,7 @@ def test_dissection_experiment_sweep_builds_the_layer_and_epoch_tables(tmp_path)
                  "seed=0,1", cli=[o for o in TINY_CLI if not o.startswith("analysis.")])
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "tables"
-    table = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
-                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+    table = _make_tables(tmp_path)
     assert table.returncode == 0, table.stderr
     layers = pd.read_csv(out / "dissection_layers.csv")
     assert list(layers.layer) == ["features.5", "features.2"] and (layers.n_seeds == 2).all()
@@ -140,8 +142,7 @@ def test_linking_experiment_sweep_builds_the_table(tmp_path):
                  cli=[o for o in TINY_CLI if not o.startswith(("analysis.", "data."))])
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "tables"
-    table = subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
-                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+    table = _make_tables(tmp_path)
     assert table.returncode == 0, table.stderr
     csv = pd.read_csv(out / "linking.csv")
     assert list(csv.model) == ["small_cnn"] and (csv.n_seeds == 2).all()

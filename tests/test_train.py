@@ -79,17 +79,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(cfg_fact
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
-def test_offline_wandb_run_is_written_without_login(cfg_factory, tmp_path, monkeypatch):
-    import wandb
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
-    cfg = cfg_factory("logger=wandb", "trainer.max_epochs=1", name="wb")
-    try:
-        train(cfg)
-    finally:
-        wandb.finish()
-    runs = list(Path(cfg.paths.output_dir).glob("wandb/offline-run-*/run-*.wandb"))
+def test_offline_wandb_run_is_written_without_login(cfg_factory, offline_wandb):
+    run_dir = offline_wandb(cfg_factory("logger=wandb", "trainer.max_epochs=1", name="wb"))
+    runs = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
 
 
