@@ -202,3 +202,14 @@ def test_malformed(broden, tmp_path, case):
     if case == "mask_size":
         with pytest.raises(BrodenError, match=expect.replace(".", r"\.")):
             BrodenDataset(root, validate=True)
+
+
+def test_cached_synthbroden_is_written_once(tmp_path):
+    from featurelens.data.synthbroden import cached_synthbroden
+
+    root = cached_synthbroden(tmp_path, n_images=6, size=16, seed=1, image_format="png")
+    stamp = (root / "index.csv").stat().st_mtime_ns
+    assert cached_synthbroden(tmp_path, n_images=6, size=16, seed=1, image_format="png") == root
+    assert (root / "index.csv").stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert not list((tmp_path / "synthbroden").glob(".tmp_*"))  # no half-written folder left behind
+    assert cached_synthbroden(tmp_path, n_images=6, size=16, seed=2, image_format="png") != root

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from featurelens import plots
 from featurelens.analysis import dissection as nd
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, model_preprocess, wandb_loggers
 from featurelens.data.broden import DEFAULT_CATEGORIES, BrodenDataset, BrodenError
+from featurelens.data.synthbroden import cached_synthbroden
 from featurelens.errors import ConfigError
 
 log = logging.getLogger("featurelens")
@@ -58,27 +57,6 @@ class _InMemory(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         return self.items[i]
-
-
-def synthbroden_dir(data_dir: str | Path, n_images: int, size: int, seed: int, image_format: str) -> Path:
-    """The procedural concept set for these parameters, written once (atomically) under ``data_dir``."""
-    from featurelens.data.shapes import GENERATOR_VERSION
-    from featurelens.data.synthbroden import write_synthbroden
-
-    root = Path(data_dir) / "synthbroden" / f"n{n_images}_s{size}_seed{seed}_{image_format}_v{GENERATOR_VERSION}"
-    if (root / "index.csv").exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp_"))
-    try:
-        write_synthbroden(tmp, n_images=n_images, size=size, seed=seed, image_format=image_format)
-        os.replace(tmp, root)
-    except OSError:
-        if not (root / "index.csv").exists():  # not a concurrent writer that got there first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 class DissectionCallback(AnalysisCallback):
@@ -156,7 +134,7 @@ class DissectionCallback(AnalysisCallback):
             if size == "auto":
                 size = max(8, int(ctx.datamodule.input_size))
                 size += size % 2
-            root = synthbroden_dir(self.data_dir, self.synthbroden["n_images"], size, self.synthbroden["seed"],
+            root = cached_synthbroden(self.data_dir, self.synthbroden["n_images"], size, self.synthbroden["seed"],
                                    self.synthbroden["image_format"])
         try:
             ds = BrodenDataset(root, split=self.split, categories=self.categories)

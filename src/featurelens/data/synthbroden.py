@@ -23,16 +23,19 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from featurelens.data.shapes import COLORS, MATERIALS, SHAPE_CLASSES, render_scene
+from featurelens.data.shapes import COLORS, GENERATOR_VERSION, MATERIALS, SHAPE_CLASSES, render_scene
 
 __all__ = [
     "CATEGORIES", "IMAGE_CATEGORIES", "OBJECT_CLASSES", "PART_NAMES", "SIZE_RANGE", "SOURCE",
-    "encode_mask", "split_of", "write_synthbroden",
+    "cached_synthbroden", "encode_mask", "split_of", "write_synthbroden",
 ]
 
 CATEGORIES: tuple[str, ...] = ("color", "object", "part", "material", "scene", "texture")
@@ -218,4 +221,23 @@ def write_synthbroden(root: str | Path, n_images: int = 300, size: int = 64, see
         f"image format: {image_format}\ncrop: False\nsplit: train iff md5(image path)[:8]/2**32 < 0.7\n"
         f"categories: {', '.join(CATEGORIES)}\nlabels: {len(order)}\n"
         "masks: RGB png, label = R + 256*G, 0 = unlabeled\n")
+    return root
+
+
+def cached_synthbroden(data_dir: str | Path, n_images: int, size: int, seed: int, image_format: str) -> Path:
+    """The procedural concept set for these parameters, written once under ``data_dir`` (into a temporary
+    folder, then renamed, so a concurrent writer or a killed run never leaves a half-written set)."""
+    root = Path(data_dir) / "synthbroden" / f"n{n_images}_s{size}_seed{seed}_{image_format}_v{GENERATOR_VERSION}"
+    if (root / "index.csv").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp_"))
+    try:
+        write_synthbroden(tmp, n_images=n_images, size=size, seed=seed, image_format=image_format)
+        os.replace(tmp, root)
+    except OSError:
+        if not (root / "index.csv").exists():  # not a concurrent writer that got there first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
