@@ -26,7 +26,8 @@ from omegaconf import OmegaConf
 from featurelens.callbacks import AnalysisCallback, AnalysisContext, ChiralityCallback, ClassFiltersCallback
 from featurelens.data import ImageDataModule
 from featurelens.module import Classifier
-from featurelens.train import CONF_DIR, build_net
+from featurelens.runtime import CONF_DIR
+from featurelens.train import build_net
 
 
 def setup(model: str, n_train: int, batch_size: int, device: str):

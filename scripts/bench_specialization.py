@@ -67,7 +67,8 @@ def default_run_rows() -> list[tuple[str, str]]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from featurelens.train import CONF_DIR, train
+    from featurelens.runtime import CONF_DIR
+    from featurelens.train import train
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -48,6 +48,15 @@ def find_jobs(sweep_dirs: list[Path]) -> tuple[list[Path], list[Path]]:
     return [j for j in jobs if j not in failed], failed
 
 
+def failure(job: Path) -> str:
+    """Why a job is left out of the tables: its FAILED file's last line (a diverged run says so), or unfinished."""
+    if not (job / "FAILED").exists():
+        return "unfinished (no metrics.json)"
+    lines = [line for line in (job / "FAILED").read_text().splitlines() if line.strip()]
+    reason = lines[-1] if lines else "no reason recorded"
+    return f"{'diverged' if reason.startswith(('DivergedError', 'NonFiniteLossError')) else 'failed'} ({reason})"
+
+
 def analysed_jobs(jobs: list[Path], name: str) -> Iterator[tuple[Path, DictConfig, list[dict]]]:
     """(job dir, its composed config, its records) for each job with records of analysis ``name``."""
     for job in jobs:
@@ -416,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs, failed = find_jobs(args.sweeps)
     for job in failed:
-        print(f"skipping failed or unfinished job: {job}", file=sys.stderr)
+        print(f"skipping {failure(job)} job {job}", file=sys.stderr)
     written = []
     frame = chirality_frame(jobs)
     if not frame.empty:

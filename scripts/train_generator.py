@@ -11,15 +11,13 @@ import logging
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from featurelens.errors import ConfigError
 from featurelens.models.generators.store import cache_path, load_cvae, save_cvae, train_from_config
-from featurelens.runtime import run_task
+from featurelens.runtime import entry_point
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 log = logging.getLogger("featurelens")
 
 
@@ -55,9 +53,7 @@ def train_generator(cfg: DictConfig) -> dict:
     return {"path": str(path), "train_minutes": minutes}
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_generator")
-def main(cfg: DictConfig) -> None:
-    run_task(train_generator, cfg)
+main = entry_point(train_generator, "train_generator")
 
 
 if __name__ == "__main__":

@@ -119,3 +119,28 @@ class PoisonAt(pl.Callback):
         if trainer.current_epoch == self.epoch:
             with torch.no_grad():
                 next(pl_module.parameters()).view(-1)[0] = float("nan")
+
+
+class KillAt(pl.Callback):
+    """``kill -9`` of its own process at ``batch`` of ``epoch`` (0-based): no handler, no cleanup runs."""
+
+    def __init__(self, epoch: int, batch: int = 1):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ScaleWeightsAt(pl.Callback):
+    """Multiplies the head's weights by 1e4 at the start of ``epoch`` (0-based): the loss explodes, finitely."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                pl_module.net.classifier.weight.mul_(1e4)

@@ -125,3 +125,55 @@ def test_sweep_dir_names_put_group_choices_first_and_stay_short():
     assert name.startswith("init=kaiming,model=vgg16,seed=1,") and len(name) == 60 and "/" not in name
     assert safe_dirname(long, max_len=60) != safe_dirname(long.replace("seed=1", "seed=2"), max_len=60)
     assert safe_dirname("model.channels=[4,8],init=xavier") == "init=xavier,model.channels=[4,8]"
+
+
+# what each experiment's header (and the README) says it sweeps: models and data
+EXPERIMENTS = {
+    "chirality_init": ({"alexnet", "vgg16_bn", "resnet18", "resnet50"}, "cifar10"),
+    "chirality_init_smoke": ({"resnet18"}, "shapes"),
+    "class_filters_depth_sweep": ({"resnet18", "resnet34", "resnet50"}, "cifar10"),
+    "class_filters_k_sweep": ({"resnet18"}, "cifar10"),
+    "class_filters_smoke": ({"small_cnn"}, "shapes"),
+    "dissection_resnet": ({"resnet18"}, "cifar10"),
+    "dissection_smoke": ({"small_cnn"}, "shapes"),
+    "linking_digits": ({"small_cnn", "mlp"}, "digits"),
+    "linking_shapes": ({"small_cnn"}, "shapes"),
+    "specialization_small": ({"mlp", "small_cnn"}, "mnist"),
+    "specialization_smoke": ({"mlp", "small_cnn"}, "digits"),
+    "specialization_vgg": ({"vgg16_bn"}, "cifar10"),
+}
+DISPLAY = {"alexnet": "AlexNet", "vgg16_bn": "VGG-16-BN", "resnet18": "ResNet-18", "resnet34": "ResNet-34",
+           "resnet50": "ResNet-50", "small_cnn": "small CNN", "mlp": "MLP", "cifar10": "CIFAR-10",
+           "shapes": "shapes", "digits": "digits", "mnist": "MNIST"}
+
+
+def test_every_experiment_is_listed_here():
+    assert set(_options("experiment")) == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_every_experiment_composes_its_whole_sweep_grid(cfg_factory, name):
+    """Every value of the experiment's sweep grid composes, resolves and validates (each value once, the other
+    keys at their first value); the models and data it sweeps are those its header names (and the README
+    lists the experiment)."""
+    from featurelens.runtime import _split_overrides
+
+    base = cfg_factory(f"experiment={name}", base=[])
+    params = OmegaConf.to_container(base.hydra.sweeper.params)
+    grid = {k: [f"{k}={v}" for v in _split_overrides(str(values))] for k, values in params.items()}
+    first = {k: values[0] for k, values in grid.items()}
+    jobs = {tuple({**first, k: v}.values()) for k, values in grid.items() for v in values}
+    models, datasets = set(), set()
+    for job in sorted(jobs):
+        cfg = cfg_factory(f"experiment={name}", *job, base=[])
+        OmegaConf.to_container(cfg, resolve=True)
+        validate_config(cfg)
+        models.add(cfg.model.arch)
+        datasets.add(cfg.data.name)
+    want_models, want_data = EXPERIMENTS[name]
+    assert models == want_models and datasets == {want_data}
+    text = (Path(CONF) / "experiment" / f"{name}.yaml").read_text()
+    header = " ".join(line for line in text.splitlines() if line.startswith("#")).lower()
+    for shown in (*want_models, want_data):
+        assert DISPLAY[shown].lower() in header, (name, shown)
+    assert f"experiment={name}" in (ROOT / "README.md").read_text()

@@ -53,13 +53,16 @@ def test_2x2_sweep_runs_every_job_and_builds_the_table(tmp_path):
 
 
 def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
-    res = _sweep(tmp_path, "model=small_cnn", "model.channels=[4,8]", "optimizer.lr=0.05,-1")
+    res = _sweep(tmp_path, "model=small_cnn", "model.channels=[4,8]", "optimizer.lr=0.05,-1,1e6")
     assert res.returncode == 0, res.stderr[-3000:]
-    good, bad = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    good, bad, diverged = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
     assert (good / "metrics.json").is_file()
     assert "optimizer.lr=-1" in (bad / "FAILED").read_text()
+    assert (diverged / "FAILED").read_text().startswith(("DivergedError", "NonFiniteLossError"))
     table = _make_tables(tmp_path)
     assert table.returncode == 0 and "skipping failed" in table.stderr
+    assert "skipping diverged (" in table.stderr and str(diverged) in table.stderr
+    assert pd.read_csv(tmp_path / "tables" / "chirality_init.csv").n_seeds.sum() == 1  # only the good job
 
 
 def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import ROOT, TINY
 
-from featurelens.errors import NonFiniteLossError
+from featurelens.errors import DiskFullError, DivergedError, NonFiniteLossError
 from featurelens.results import read_results
 from featurelens.train import train
 
@@ -93,3 +98,105 @@ def test_mlp_run_warns_once_and_logs_no_chirality(cfg_factory):
     records = _records(Path(cfg.paths.output_dir))
     assert [r["epoch"] for r in records] == [0, 1]
     assert not any(k.startswith("chirality/model") for r in records for k in r)
+
+
+def _cli_run(run_dir: Path, *overrides: str, kill_epoch: int = 99) -> subprocess.CompletedProcess:
+    """train.py in a fresh process; every run carries the same callbacks (the kill only fires in one), since on
+    this CPU even a different callback list moves the float results in the last bits."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "trainer.max_epochs=3",
+                           "trainer.deterministic=true", f"hydra.run.dir={run_dir}",
+                           "+callbacks.kill._target_=conftest.KillAt", f"+callbacks.kill.epoch={kill_epoch}",
+                           "+callbacks.kill.batch=2", *overrides],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _run_files(run_dir: Path, partial: bool = False) -> dict[str, str]:
+    """Every result a run leaves, by path: metrics, analysis records and tables (figures left out)."""
+    files = {} if partial else {"metrics.json": (run_dir / "metrics.json").read_text()}
+    for p in sorted((run_dir / "analysis").rglob("*")):
+        if p.suffix in (".jsonl", ".csv", ".json"):
+            files[str(p.relative_to(run_dir))] = p.read_text()
+    return files
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+    full = _cli_run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _cli_run(tmp_path / "killed", kill_epoch=2)
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 1
+    resumed = _cli_run(tmp_path / "resumed", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the resumed run's own dir holds the whole records history; tables of epochs before the kill stay in the first
+    want = _run_files(tmp_path / "full")
+    got = {**_run_files(tmp_path / "killed", partial=True), **_run_files(tmp_path / "resumed")}
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == want[name], name
+    records = read_results(tmp_path / "resumed" / "analysis" / "class_filters" / "results.jsonl")
+    first_resumed = records[2]
+    assert first_resumed["epoch"] == 2
+    assert {"train/acc", "train/loss_epoch", "val/acc", "class_filters/stability"} <= set(first_resumed)
+
+
+def test_train_metrics_in_a_record_are_that_epochs(cfg_factory):
+    cfg = cfg_factory("trainer.max_epochs=2", "logger=csv")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    import pandas as pd
+
+    logged = pd.read_csv(next(run.glob("csv/version_*/metrics.csv"))).dropna(subset=["train/acc"])
+    records = _records(run)
+    assert "train/acc" not in records[0]  # epoch 0: before any training
+    for epoch in (1, 2):
+        assert records[epoch]["train/acc"] == pytest.approx(logged[logged.epoch == epoch - 1]["train/acc"].item())
+
+
+def test_huge_lr_stops_with_a_clear_error_and_a_resumable_checkpoint(cfg_factory):
+    cfg = cfg_factory("trainer.max_epochs=3", "optimizer.lr=1e6", "model.recipe.warmup_epochs=0", name="huge")
+    with pytest.raises(DivergedError, match=r"at epoch 0, step \d+ .*optimizer SGD\(lr=1000000.0"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt").exists()  # nothing good to keep
+
+
+def test_exploding_loss_stops_the_run_and_keeps_the_last_good_epoch(cfg_factory):
+    cfg = cfg_factory("trainer.max_epochs=3", "+callbacks.blowup._target_=conftest.ScaleWeightsAt",
+                      "+callbacks.blowup.epoch=1", name="exploded")
+    with pytest.raises(DivergedError, match=r"loss .* at epoch 1, .* exceeds 20 x .*lower optimizer.lr") as err:
+        train(cfg)
+    assert not isinstance(err.value, NonFiniteLossError)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0
+    resumed = cfg_factory("trainer.max_epochs=3", f"ckpt_path={last}", name="after")
+    assert train(resumed)["epochs"] == 3
+
+
+def test_disk_full_stops_with_a_clear_error_and_the_last_checkpoint_intact(cfg_factory, monkeypatch):
+    cfg = cfg_factory("trainer.max_epochs=3", name="full_disk")
+    import featurelens.checkpoints as checkpoints
+
+    real_save, calls = torch.save, []
+
+    def save_until_full(obj, fh, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # best.ckpt and last.ckpt of epoch 0 fit; then the disk is full
+            fh.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(fh.name))
+        return real_save(obj, fh, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", save_until_full)
+    with pytest.raises(OSError) as err:
+        train(cfg)
+    from featurelens.runtime import user_error
+
+    known = user_error(err.value)
+    assert isinstance(known, DiskFullError) and "free some space, then resume with ckpt_path=" in str(known)
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["epoch"] == 0  # the complete checkpoint of epoch 0 survived
+    assert not list(last.parent.glob(".*.tmp"))
+    resumed = cfg_factory("trainer.max_epochs=3", f"ckpt_path={last}", name="after_full")
+    assert train(resumed)["epochs"] == 3

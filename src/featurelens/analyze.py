@@ -11,17 +11,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from featurelens.callbacks import AnalysisCallback, AnalysisContext
+from featurelens.checkpoints import check_same_data, read_checkpoint
 from featurelens.errors import ConfigError
 from featurelens.module import Classifier
 from featurelens.results import write_json
-from featurelens.runtime import build, build_loggers, instantiate_all, run_task, validate_config
-from featurelens.train import CONF_DIR, build_net
+from featurelens.runtime import build, build_loggers, entry_point, instantiate_all, validate_config
+from featurelens.train import build_net
 
 log = logging.getLogger("featurelens")
 
@@ -29,16 +29,14 @@ log = logging.getLogger("featurelens")
 def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any], int, int]:
     """The net, the data config to probe it with, and the completed epochs and steps it was trained for."""
     if cfg.get("ckpt_path"):
-        ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
-        if "hyper_parameters" not in ckpt or "model_cfg" not in ckpt["hyper_parameters"]:
-            raise ConfigError(f"ckpt_path={cfg.ckpt_path!r} is not a featurelens checkpoint (no model_cfg); "
-                              "for a plain state dict use model=<arch> model.weights=<file>")
+        ckpt = read_checkpoint(cfg.ckpt_path)
         hp = ckpt["hyper_parameters"]
         module = Classifier(**hp)
         module.load_state_dict(ckpt["state_dict"])
         data_cfg = dict(hp.get("data_info") or {})
         if cfg.get("data"):
             data_cfg = {**OmegaConf.to_container(cfg.data, resolve=True), "input_size": data_cfg.get("input_size")}
+            check_same_data(ckpt, data_cfg, f"ckpt_path={cfg.ckpt_path!r}")
         return module.net, data_cfg, int(ckpt.get("epoch", -1)) + 1, int(ckpt.get("global_step", 0))
     if not cfg.get("model"):
         raise ConfigError("ckpt_path=null and no model given: pass ckpt_path=<file.ckpt>, or model=<arch> "
@@ -53,8 +51,8 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any], int, i
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:
     """Run every configured analysis once on the model; returns {analysis name: record}."""
-    pl.seed_everything(cfg.seed, workers=True)
     validate_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     net, data_cfg, epoch, step = load_model(cfg)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.get("device", "auto") == "auto"
@@ -86,10 +84,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     return records
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="analyze")
-def main(cfg: DictConfig) -> None:
-    run_task(analyze, cfg)
-
+main = entry_point(analyze, "analyze")
 
 if __name__ == "__main__":
     main()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import random
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -12,7 +15,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from featurelens.errors import NonFiniteLossError
+from featurelens.errors import DivergedError, NonFiniteLossError
 
 
 class Classifier(pl.LightningModule):
@@ -23,15 +26,25 @@ class Classifier(pl.LightningModule):
     ``data_info`` records what the net was trained on (classes, channels, input size, normalisation),
     so ``analyze.py`` can rebuild the preprocessing from the checkpoint alone. ``net`` passes an already
     built (and initialised) net; a checkpoint rebuilds it from ``model_cfg``.
+
+    ``divergence_factor``: the run stops with :class:`DivergedError` when a training step's loss, or an
+    epoch's validation loss, exceeds this multiple of the reference max(ln C, first training loss): ln C is
+    the loss of a uniform guess and the first loss what the init gives, so a loss 20 times both means
+    logits that grew far past anything the model started from (null: only NaN/inf stop the run).
+    At the start of every training epoch the global RNGs (torch, numpy, python; dropout and the like) are
+    re-seeded from (``run_info.seed``, epoch), so a resumed run continues exactly as the uninterrupted one.
     """
 
     def __init__(self, model_cfg: dict[str, Any], optimizer: dict[str, Any],
                  scheduler: dict[str, Any] | None = None, data_info: dict[str, Any] | None = None,
-                 run_info: dict[str, Any] | None = None, net: nn.Module | None = None):
+                 run_info: dict[str, Any] | None = None, net: nn.Module | None = None,
+                 divergence_factor: float | None = 20.0):
         super().__init__()
         self.save_hyperparameters(logger=False, ignore=["net"])
         self.net: nn.Module = net if net is not None else instantiate(model_cfg)
         num_classes = model_cfg["num_classes"]
+        self.loss_ref: float | None = None  # max(ln C, first training loss); checkpointed
+        self.epoch_train_metrics: dict[str, float] = {}  # this epoch's train/acc and train/loss_epoch
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -46,13 +59,36 @@ class Classifier(pl.LightningModule):
         logits = self(x)
         return F.cross_entropy(logits, y), logits.argmax(dim=1), y
 
+    def _optimizer_settings(self) -> str:
+        opt = self.hparams.optimizer
+        args = ", ".join(f"{k}={v}" for k, v in opt.items() if not k.startswith("_"))
+        return f"{str(opt.get('_target_')).rsplit('.', 1)[-1]}({args})"
+
+    def _check_loss(self, loss: float, what: str) -> None:
+        where = f"at epoch {self.current_epoch}, step {self.global_step}"
+        hint = f"optimizer {self._optimizer_settings()}; checkpoints/last.ckpt keeps the last good epoch"
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"{what} loss became {loss} {where} (lr too high? {hint})")
+        factor = self.hparams.divergence_factor
+        if factor is not None and self.loss_ref is not None and loss > factor * self.loss_ref:
+            raise DivergedError(f"{what} loss {loss:.4g} {where} exceeds {factor:g} x {self.loss_ref:.4g} "
+                                f"(max of ln C and the first training loss): the run diverged; {hint}; "
+                                "lower optimizer.lr or raise model.recipe.warmup_epochs")
+
+    def on_train_epoch_start(self) -> None:
+        self.epoch_train_metrics = {}
+        seed = int((self.hparams.run_info or {}).get("seed") or 0)
+        state = np.random.SeedSequence([seed, self.current_epoch]).generate_state(1)[0]
+        torch.manual_seed(int(state))
+        np.random.seed(int(state))
+        random.seed(int(state))
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, pred, y = self._step(batch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step} "
-                f"(lr too high? optimizer={self.hparams.optimizer.get('_target_')}, "
-                f"lr={self.hparams.optimizer.get('lr')})")
+        value = float(loss.detach())
+        if self.loss_ref is None:
+            self.loss_ref = max(math.log(self.hparams.model_cfg["num_classes"]), value)
+        self._check_loss(value, "training")
         self.train_loss(loss)
         self.train_acc(pred, y)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -71,6 +107,12 @@ class Classifier(pl.LightningModule):
             return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+        if self.trainer.state.fn == "fit" and self.train_loss.update_count:
+            # Lightning logs the train epoch metrics only after validation: computed here (on every rank),
+            # the analyses that run after validation record this epoch's values, not the previous one's
+            self.epoch_train_metrics = {"train/acc": float(self.train_acc.compute()),
+                                        "train/loss_epoch": float(self.train_loss.compute())}
+            self._check_loss(float(self.val_loss.compute()), "validation")
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, pred, y = self._step(batch)
@@ -79,10 +121,24 @@ class Classifier(pl.LightningModule):
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # torchmetrics states are not in the state dict: the best val acc so far must survive a resume
+        checkpoint["featurelens"] = {"loss_ref": self.loss_ref,
+                                     "val_acc_best": float(self.val_acc_best.max_value)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("featurelens", {})
+        self.loss_ref = state.get("loss_ref")
+        if state.get("val_acc_best") is not None:
+            self.val_acc_best.max_value.fill_(state["val_acc_best"])
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.hparams.optimizer)(params=self.trainer.model.parameters())
         if not self.hparams.scheduler:
             return {"optimizer": optimizer}
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        cfg = dict(self.hparams.scheduler)
+        interval = cfg.pop("interval", "epoch")  # per-batch schedules are told the run's length in steps
+        extra = {"total_steps": self.trainer.estimated_stepping_batches} if interval == "step" else {}
+        scheduler = instantiate(cfg)(optimizer=optimizer, **extra)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import logging
 import math
+import os
 import re
 import sys
 import traceback
@@ -12,19 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import hydra
+import hydra._internal.utils as hydra_utils  # run_and_report: how Hydra reports a config it cannot compose
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import HydraException, InstantiationException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 from pytorch_lightning.loggers import Logger
 
 from featurelens.data import DATASETS
-from featurelens.errors import ConfigError, NonFiniteLossError
+from featurelens.errors import ConfigError, DiskFullError, RunError
 from featurelens.models import ARCHS, INIT_METHODS
 
 log = logging.getLogger("featurelens")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/ (editable install)
 
 
 def _split_overrides(overrides: str) -> list[str]:
@@ -62,13 +70,81 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, ListConfig | list) and len(value) > 0 and all(_positive_int(v) for v in value)
+
+
+MIN_SHAPES_SIZE = 8  # the shapes renderer draws scenes of at least 8 px
+
+
+def _validate_model(m: DictConfig) -> None:
+    _check(m.get("arch") in ARCHS, "model.arch", m.get("arch"), f"valid: {list(ARCHS)}")
+    size = m.get("input_size")
+    _check(size in (None, "auto") or _positive_int(size), "model.input_size", size, "use auto, null or a positive int")
+    for key in ("channels", "hidden"):
+        if m.get(key) is not None:
+            _check(_int_list(m[key]), f"model.{key}", m[key], "must be a non-empty list of positive integers")
+    if "pool_every" in m:
+        _check(_positive_int(m.pool_every), "model.pool_every", m.pool_every, "must be a positive integer")
+    if "dropout" in m:
+        _check(_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "must be a number in [0, 1)")
+    for key in ("batch_norm", "cifar_stem"):
+        if key in m:
+            _check(isinstance(m[key], bool), f"model.{key}", m[key], "must be true or false")
+
+
+def _validate_data(d: DictConfig) -> None:
+    _check(d.get("name") in DATASETS, "data.name", d.get("name"), f"valid: {list(DATASETS)}")
+    for key in ("batch_size", "image_size", "channels", "num_classes"):
+        _check(_positive_int(d.get(key)), f"data.{key}", d.get(key), "must be a positive integer")
+    if d.name == "shapes":
+        _check(d.image_size >= MIN_SHAPES_SIZE, "data.image_size", d.image_size,
+               f"the shapes are rendered at {MIN_SHAPES_SIZE} px or more")
+    _check(isinstance(d.get("num_workers", 0), int) and d.get("num_workers", 0) >= 0, "data.num_workers",
+           d.get("num_workers"), "must be an integer >= 0")
+    for key in ("n_train", "n_val", "n_test"):
+        if key in d:
+            _check(_positive_int(d[key]), f"data.{key}", d[key], "must be a positive integer")
+    if "crop_padding" in d:
+        _check(isinstance(d.crop_padding, int) and d.crop_padding >= 0, "data.crop_padding", d.crop_padding,
+               "must be an integer >= 0")
+    if "flip_aug" in d:
+        _check(isinstance(d.flip_aug, bool), "data.flip_aug", d.flip_aug, "must be true or false")
+    if d.name == "imagefolder":
+        root = Path(str(d.root)).expanduser()
+        _check(root.is_dir(), "data.root", str(d.root), "no such folder (an imagefolder root holds train/ and val/)")
+
+
+def _validate_training(cfg: DictConfig) -> None:
+    _check(_positive_int(cfg.trainer.get("max_epochs")), "trainer.max_epochs", cfg.trainer.get("max_epochs"),
+           "must be a positive integer")
+    if cfg.trainer.get("sync_batchnorm") and cfg.trainer.get("accelerator") == "cpu":
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs; with trainer.accelerator=cpu "
+                          "set trainer.sync_batchnorm=false")
+    if "optimizer" in cfg:
+        lr = cfg.optimizer.get("lr")
+        _check(_number(lr) and lr > 0, "optimizer.lr", lr, "must be a finite number > 0")
+        wd = cfg.optimizer.get("weight_decay", 0.0)
+        _check(_number(wd) and wd >= 0, "optimizer.weight_decay", wd, "must be a finite number >= 0")
+    if cfg.get("scheduler") and "warmup_epochs" in cfg.scheduler:
+        w = cfg.scheduler.warmup_epochs
+        _check(_number(w) and w >= 0, "model.recipe.warmup_epochs", w, "must be a number of epochs >= 0")
+    if "divergence_factor" in cfg:
+        f = cfg.divergence_factor
+        _check(f is None or (_number(f) and f > 1), "divergence_factor", f, "use null (off) or a number > 1")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject bad values before any work, naming the key, the value and what is allowed."""
+    seed = cfg.get("seed")
+    _check(isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32, "seed", seed,
+           "must be an integer in [0, 2**32)")
     if "model" in cfg and cfg.model is not None:
-        _check(cfg.model.get("arch") in ARCHS, "model.arch", cfg.model.get("arch"), f"valid: {list(ARCHS)}")
-        size = cfg.model.get("input_size")
-        _check(size in (None, "auto") or _positive_int(size), "model.input_size", size,
-               "use auto, null or a positive int")
+        _validate_model(cfg.model)
     if "init" in cfg:
         _check(cfg.init.get("method") in INIT_METHODS, "init.method", cfg.init.get("method"),
                f"valid: {list(INIT_METHODS)}")
@@ -76,29 +152,9 @@ def validate_config(cfg: DictConfig) -> None:
             raise ConfigError(f"init={cfg.init.method} would overwrite model.weights={cfg.model.weights!r}; "
                               "use init=default with pretrained weights")
     if "data" in cfg and cfg.data is not None:
-        d = cfg.data
-        _check(d.get("name") in DATASETS, "data.name", d.get("name"), f"valid: {list(DATASETS)}")
-        for key in ("batch_size", "image_size", "channels", "num_classes"):
-            _check(_positive_int(d.get(key)), f"data.{key}", d.get(key), "must be a positive integer")
-        _check(isinstance(d.get("num_workers", 0), int) and d.get("num_workers", 0) >= 0, "data.num_workers",
-               d.get("num_workers"), "must be an integer >= 0")
-        for key in ("n_train", "n_val", "n_test"):
-            if key in d:
-                _check(_positive_int(d[key]), f"data.{key}", d[key], "must be a positive integer")
-        if d.name == "imagefolder":
-            root = Path(str(d.root)).expanduser()
-            _check(root.is_dir(), "data.root", str(d.root),
-                   "no such folder (an imagefolder root holds train/ and val/)")
+        _validate_data(cfg.data)
     if "trainer" in cfg:
-        _check(_positive_int(cfg.trainer.get("max_epochs")), "trainer.max_epochs", cfg.trainer.get("max_epochs"),
-               "must be a positive integer")
-        if cfg.trainer.get("sync_batchnorm") and cfg.trainer.get("accelerator") == "cpu":
-            raise ConfigError("trainer.sync_batchnorm=true needs GPUs; with trainer.accelerator=cpu "
-                              "set trainer.sync_batchnorm=false")
-    if "optimizer" in cfg:
-        lr = cfg.optimizer.get("lr")
-        _check(isinstance(lr, int | float) and math.isfinite(lr) and lr > 0, "optimizer.lr", lr,
-               "must be a finite number > 0")
+        _validate_training(cfg)
     for name, node in (cfg.get("analysis") or {}).items():
         if node is not None and node.get("every_n_epochs") is not None:
             _check(_positive_int(node.every_n_epochs), f"analysis.{name}.every_n_epochs", node.every_n_epochs,
@@ -151,34 +207,115 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     return loggers
 
 
+_IN_TASK = False  # True while run_task runs a job: errors outside it come from Hydra composing the config
+
+
+def _one_line(message: str) -> str:
+    """A one-line version of an error message; an exception re-raised from a DataLoader worker keeps only
+    the original error's own message (the last line of the worker's traceback)."""
+    if "Original Traceback" in message:
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in message.strip().splitlines() if line.strip())
+
+
+def user_error(e: BaseException) -> ConfigError | RunError | None:
+    """The user-facing condition behind ``e`` (bad config or input, diverged run, full disk), or None for a
+    bug, which keeps its traceback."""
+    if isinstance(e, ConfigError | RunError):
+        return e
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"no space left writing {e.filename or 'a file'} ({e.strerror}); the last complete "
+                             "checkpoint is intact: free some space, then resume with ckpt_path=<run dir>/"
+                             "checkpoints/last.ckpt")
+    if isinstance(e, InterpolationResolutionError | MissingMandatoryValue):
+        return ConfigError(_one_line(str(e)))
+    if isinstance(e, InstantiationException) and e.__cause__ is not None:
+        return user_error(e.__cause__)
+    return None
+
+
 def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig) -> float | None:
-    """Run ``task(cfg)``; turn known errors into one-line messages and always close the W&B run.
+    """Run ``task(cfg)``; turn user-facing errors into one-line messages and always close the W&B run.
 
     In a ``-m`` sweep a failing job is logged, marked with a ``FAILED`` file in its directory and the sweep
-    goes on; a single run exits with status 2 (bad config or input) or 1 (diverged or crashed).
+    goes on; a single run exits with status 2 (bad config or input) or 1 (diverged, disk full, or a bug,
+    which keeps its traceback).
     """
+    global _IN_TASK
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
+    _IN_TASK = True
     try:
         metrics = task(cfg)
         value = metrics.get(cfg.get("optimized_metric", ""))
         return float(value) if value is not None else None
-    except (ConfigError, NonFiniteLossError) as e:
-        (out_dir / "FAILED").write_text(f"{type(e).__name__}: {e}\n")
+    except Exception as e:
+        known = user_error(e)
+        message = f"{type(known).__name__}: {_one_line(str(known))}\n" if known else traceback.format_exc()
+        with contextlib.suppress(OSError):  # the disk may be full
+            (out_dir / "FAILED").write_text(message)
         if multirun:
-            log.error("job %s failed: %s; the sweep continues", out_dir.name, e)
+            log.error("job %s failed: %s; the sweep continues", out_dir.name, message.strip().splitlines()[-1])
             return None
-        print(f"featurelens: error: {e}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, ConfigError) else 1)
-    except Exception:
-        (out_dir / "FAILED").write_text(traceback.format_exc())
-        if multirun:
-            log.exception("job %s failed; the sweep continues", out_dir.name)
-            return None
-        raise
+        if known is None:
+            raise
+        print(f"featurelens: error: {_one_line(str(known))}", file=sys.stderr)
+        sys.exit(2 if isinstance(known, ConfigError) else 1)
     finally:
+        _IN_TASK = False
         if "wandb" in sys.modules:
             import wandb
 
             if wandb.run is not None:
                 wandb.finish()
+
+
+def _hydra_message(e: Exception) -> str:
+    """Hydra's message for a config it could not compose, on one line: a list under a heading ending in ":"
+    (e.g. the available options of a group) joined by commas, the config search path left out, and an
+    OmegaConf cause's first line appended."""
+    parts: list[str] = []
+    in_list = False
+    for line in (raw.strip() for raw in str(e).split("Config search path", 1)[0].splitlines()):
+        if not line:
+            in_list = False
+        elif in_list:
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line
+        else:
+            parts.append(line)
+            in_list = line.endswith(":")
+    if isinstance(e, OverrideParseException):
+        parts.insert(0, f"{e.override}:")
+    cause = e.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
+        parts.append(f"({str(cause).strip().splitlines()[0]})")
+    return " ".join(parts)
+
+
+def entry_point(task: Callable[[DictConfig], dict], config_name: str) -> Callable[[], float | None]:
+    """The command-line entry of ``task``: Hydra's main over ``conf/<config_name>.yaml``, with every config
+    Hydra cannot compose (unknown option or key, bad override syntax) reported as one line, exit code 2."""
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=config_name)
+    def hydra_main(cfg: DictConfig) -> float | None:
+        return run_task(task, cfg)
+
+    def report(func: Callable[[], Any]) -> Any:
+        try:
+            return func()
+        except (HydraException, OmegaConfBaseException) as e:
+            if _IN_TASK or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"featurelens: error: {_hydra_message(e)}", file=sys.stderr)
+            sys.exit(2)
+
+    @functools.wraps(hydra_main)
+    def main() -> float | None:
+        original = hydra_utils.run_and_report
+        hydra_utils.run_and_report = lambda func: original(lambda: report(func))
+        try:
+            return hydra_main()
+        finally:
+            hydra_utils.run_and_report = original
+
+    return main

@@ -7,18 +7,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from featurelens.analysis.chirality import compatible_width
+from featurelens.checkpoints import AtomicCheckpointIO, check_same_model, read_checkpoint
+from featurelens.errors import ConfigError
 from featurelens.module import Classifier
 from featurelens.results import write_json
-from featurelens.runtime import build, build_loggers, instantiate_all, run_task, validate_config
+from featurelens.runtime import build, build_loggers, entry_point, instantiate_all, validate_config
 
 log = logging.getLogger("featurelens")
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/ (editable install)
 
 
 def build_net(model_cfg: dict[str, Any], data_cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any], int]:
@@ -27,29 +29,43 @@ def build_net(model_cfg: dict[str, Any], data_cfg: DictConfig) -> tuple[torch.nn
     Returns the net, the model config to store in the checkpoint (``image_size`` = that width) and the width.
     """
     model_cfg = dict(model_cfg)
+    model_cfg.pop("recipe", None)  # the architecture's training defaults, read by the optimizer/scheduler configs
     size = model_cfg.pop("input_size", None)
     if isinstance(size, int):
         model_cfg["image_size"] = size
     net = build(model_cfg)
+    arch = model_cfg.get("arch")
     if size == "auto":
-        size = compatible_width(net, data_cfg.image_size, in_channels=data_cfg.channels)
+        try:
+            size = compatible_width(net, data_cfg.image_size, in_channels=data_cfg.channels)
+        except ValueError as e:
+            raise ConfigError(f"model={arch} with data.image_size={data_cfg.image_size}: {e}; set "
+                              "model.input_size to a width the model accepts, or null") from None
         if size != data_cfg.image_size:
             log.info("model sees %d px inputs (data is %d px): the nearest width whose strided ops commute "
                      "with the mirror (model.input_size=auto)", size, data_cfg.image_size)
     size = size or data_cfg.image_size
+    try:  # one tiny forward pass: does the model take inputs of this width at all?
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, data_cfg.channels, size, size))
+    except RuntimeError as e:
+        raise ConfigError(f"model={arch} cannot take {size}-px inputs ({str(e).splitlines()[0]}); use "
+                          "model.input_size=auto or a larger width") from None
+    finally:
+        net.train()
     model_cfg["image_size"] = size
     return net, model_cfg, size
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Seed, build everything from ``cfg``, fit (resuming from ``cfg.ckpt_path``), test; returns the metrics."""
-    pl.seed_everything(cfg.seed, workers=True)
     validate_config(cfg)
+    pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
 
     net, model_cfg, input_size = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
     build(cfg.init)(net)
-    datamodule = build(cfg.data, input_size=input_size)
+    datamodule = build(cfg.data, input_size=input_size, order_seed=cfg.seed)
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     module = Classifier(
         model_cfg,
@@ -59,10 +75,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         run_info={"seed": cfg.seed, "init": OmegaConf.to_container(cfg.init, resolve=True),
                   "flip_aug": cfg.data.get("flip_aug")},
         net=net,
+        divergence_factor=cfg.get("divergence_factor"),
     )
+    if cfg.get("ckpt_path"):  # a resume: the checkpoint must hold this run's model, checked before any work
+        check_same_model(read_checkpoint(cfg.ckpt_path), net, model_cfg, f"ckpt_path={cfg.ckpt_path!r}")
     loggers = build_loggers(cfg)
     callbacks = instantiate_all(cfg.get("callbacks")) + instantiate_all(cfg.get("analysis"))
-    trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:
+        trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                    plugins=[AtomicCheckpointIO()])
+    except InstantiationException as e:  # Lightning's own checks of the trainer settings
+        if isinstance(e.__cause__, ValueError | MisconfigurationException):
+            raise ConfigError(f"trainer: {str(e.__cause__).strip().splitlines()[0]}") from None
+        raise
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -78,10 +103,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    return run_task(train, cfg)
-
+main = entry_point(train, "config")
 
 if __name__ == "__main__":
     main()

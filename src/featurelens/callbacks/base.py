@@ -165,8 +165,10 @@ class AnalysisCallback(pl.Callback):
 
     # ------------------------------------------------------------------ Lightning hooks
     def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> AnalysisContext:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if k.startswith(("val/", "train/")) and v.numel() == 1}
+        # val/* of this epoch's validation; train/* of this epoch, computed by the module after validation
+        # (Lightning's own train epoch values only appear after the callbacks ran, one epoch late)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
+        metrics.update(getattr(pl_module, "epoch_train_metrics", {}))
         return AnalysisContext(self.run_dir, epoch, trainer.global_step, self._final(trainer, epoch), trainer.loggers,
                                lambda: self._probe_batch(trainer, pl_module), metrics, trainer.datamodule,
                                (trainer.global_rank, trainer.world_size), pl_module.device)

@@ -188,6 +188,13 @@ class ClassFiltersCallback(AnalysisCallback):
         self.masks = {n: m.cpu() for n, m in masks.items()}
         return values
 
+    def state_dict(self) -> dict[str, Any]:  # the last sets, for the next epoch's stability after a resume
+        return {**super().state_dict(), "masks": self.masks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.masks = dict(state_dict.get("masks", {}))
+
     # ------------------------------------------------------------------ reporting
     def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
         p = "class_filters/"

@@ -85,6 +85,13 @@ class SpecializationCallback(AnalysisCallback):
         self._prev_labels[name] = labels
         return out
 
+    def state_dict(self) -> dict[str, Any]:  # last partitions, for ari_prev_epoch after a resume
+        return {**super().state_dict(), "prev_labels": {k: v.tolist() for k, v in self._prev_labels.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._prev_labels = {k: np.asarray(v) for k, v in state_dict.get("prev_labels", {}).items()}
+
     def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
         try:
             graph = spec.weight_graph(model, **self.graph_kwargs)

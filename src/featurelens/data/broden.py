@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from featurelens.errors import ConfigError
+
 __all__ = [
     "DEFAULT_CATEGORIES", "IMAGE_LEVEL", "BrodenDataset", "BrodenError", "decode_mask", "encode_mask",
     "read_csv",
@@ -32,7 +34,7 @@ CATEGORY_REQUIRED: tuple[str, ...] = ("name", "first", "last", "count", "frequen
 CFILE_REQUIRED: tuple[str, ...] = ("code", "number", "name", "frequency", "coverage")
 
 
-class BrodenError(ValueError):
+class BrodenError(ConfigError):
     """A Broden directory violates the file contract; the message names the file and the problem."""
 
 
@@ -199,7 +201,13 @@ class BrodenDataset(torch.utils.data.Dataset):
             self.records.append(rec)
         if validate:
             for i in range(len(self.records)):
-                self._check_sizes(i)
+                try:
+                    self._check_sizes(i)
+                except BrodenError:
+                    raise
+                except (OSError, SyntaxError, ValueError) as e:  # PIL cannot decode one of its files
+                    raise BrodenError(f"index.csv image {self.records[i]['image']}: an unreadable image or mask "
+                                      f"({type(e).__name__}: {e})") from None
 
     # --- access ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -215,6 +223,10 @@ class BrodenDataset(torch.utils.data.Dataset):
                 arr = np.asarray(im.convert("RGB"))
         except FileNotFoundError:
             raise BrodenError(f"{rel}: mask file is missing (index.csv image {rec['image']})") from None
+        except BrodenError:
+            raise
+        except (OSError, SyntaxError, ValueError) as e:  # PIL cannot decode it
+            raise BrodenError(f"{rel}: unreadable mask image ({type(e).__name__}: {e})") from None
         return decode_mask(arr)
 
     def _check_sizes(self, i: int) -> None:
@@ -248,6 +260,10 @@ class BrodenDataset(torch.utils.data.Dataset):
                 arr = np.asarray(im, dtype=np.float32) / 255.0
         except FileNotFoundError:
             raise BrodenError(f"{rec['image']}: image file is missing (index.csv)") from None
+        except BrodenError:
+            raise
+        except (OSError, SyntaxError, ValueError) as e:  # PIL cannot decode it
+            raise BrodenError(f"{rec['image']}: unreadable image ({type(e).__name__}: {e})") from None
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
     def load_labels(self, i: int) -> dict[str, torch.Tensor]:

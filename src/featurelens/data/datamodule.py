@@ -7,14 +7,16 @@ symmetric zero padding followed by a horizontal flip (``flip_aug``), applied at 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision.datasets import ImageFolder
 
 from featurelens.errors import ConfigError
 
@@ -53,6 +55,68 @@ class TensorImageDataset(Dataset):
         return (self.transform(x) if self.transform else x), int(self.labels[i])
 
 
+class EpochSampler(Sampler):
+    """Shuffled indices as a pure function of (``seed``, epoch), each paired with a seed for that item's
+    augmentation, so the data a training epoch sees does not depend on how much of the global RNG anything
+    else consumed: a run resumed from a checkpoint sees exactly the batches the uninterrupted run saw.
+    Lightning calls :meth:`set_epoch` before every epoch (as for ``DistributedSampler``)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        words = np.random.SeedSequence([self.seed, self.epoch]).generate_state(2, dtype=np.uint64)
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(int(words[0] >> 1)))
+        item_seeds = torch.randint(0, 2**62, (self.n,), generator=torch.Generator().manual_seed(int(words[1] >> 1)))
+        return iter(zip(order.tolist(), item_seeds.tolist(), strict=True))
+
+
+class SeededItems(Dataset):
+    """``dataset[i]`` for the ``(i, item_seed)`` pairs of :class:`EpochSampler`, with the global torch RNG
+    seeded by ``item_seed`` (and restored after), so random augmentations are reproducible in any process."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, int):
+            return self.dataset[key]
+        i, item_seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed)
+            return self.dataset[i]
+
+
+class TolerantImageFolder(ImageFolder):
+    """An ``ImageFolder`` that skips files PIL cannot decode: each is named in a warning (once per process)
+    and the next readable image stands in for it. Checking every file before training would cost minutes on
+    an ImageNet-size folder, and one bad file should not end a run hours in."""
+
+    warned: set[str] = set()
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.samples)):
+            i = (index + offset) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except (OSError, SyntaxError, ValueError) as e:  # PIL: unidentified, truncated, broken files
+                path = self.samples[i][0]
+                if path not in self.warned:
+                    self.warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path} ({type(e).__name__}: {e}); the next "
+                                  "readable image of the folder takes its place", stacklevel=2)
+        raise ConfigError(f"data.root: no readable image in {self.root}")
+
+
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
@@ -77,14 +141,15 @@ class ImageDataModule(pl.LightningDataModule):
     """Data for featurelens runs; see ``conf/data/*.yaml`` for each dataset's parameters.
 
     ``input_size`` is the width the model sees (filled in by ``train`` from the model config); ``None``
-    keeps the native ``image_size``.
+    keeps the native ``image_size``. ``order_seed`` (the run's ``seed``, filled in by ``train``) fixes the
+    training order and augmentation of every epoch, independently of ``seed``, which fixes the data itself.
     """
 
     def __init__(self, name: str, root: str = "data", image_size: int = 32, channels: int = 3,
                  num_classes: int = 10, batch_size: int = 128, num_workers: int = 0, flip_aug: bool = True,
                  crop_padding: int = 4, seed: int = 0, n_train: int = 5000, n_val: int = 1000,
                  n_test: int = 1000, val_size: int = 5000, download: bool = True,
-                 input_size: int | None = None):
+                 input_size: int | None = None, order_seed: int = 0):
         super().__init__()
         if name not in DATASETS:
             raise ConfigError(f"data.name={name!r} is unknown; valid: {list(DATASETS)}")
@@ -95,6 +160,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.flip_aug, self.crop_padding, self.seed = flip_aug, crop_padding, seed
         self.n_train, self.n_val, self.n_test, self.val_size = n_train, n_val, n_test, val_size
         self.download = download
+        self.order_seed = order_seed  # the run's seed: training order and augmentation per epoch (EpochSampler)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -140,6 +206,9 @@ class ImageDataModule(pl.LightningDataModule):
         if tensors["train"][0].shape[1] != self.channels:
             raise ConfigError(f"data.channels={self.channels} but {self.name} images have "
                               f"{tensors['train'][0].shape[1]} channels")
+        n_labels = int(max(y.max() for _, y in tensors.values())) + 1
+        if n_labels > self.num_classes:
+            raise ConfigError(f"data.num_classes={self.num_classes} but {self.name} has {n_labels} classes")
         x_train = tensors["train"][0]
         self.mean = x_train.mean(dim=(0, 2, 3)).tolist()
         self.std = x_train.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
@@ -185,10 +254,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _setup_torchvision(self) -> None:
         if self.name == "imagefolder":
-            from torchvision.datasets import ImageFolder
-
             def folder(split: str, train: bool) -> Dataset:
-                return ImageFolder(str(self.root / split), transform=self._transform(train))
+                return TolerantImageFolder(str(self.root / split), transform=self._transform(train))
 
             missing = [s for s in ("train", "val") if not (self.root / s).is_dir()]
             if missing:
@@ -213,7 +280,12 @@ class ImageDataModule(pl.LightningDataModule):
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if self.trainer is not None and self.trainer.world_size > 1:  # Lightning's DistributedSampler shuffles
+            return self._loader(self.train_set, shuffle=True)
+        return DataLoader(SeededItems(self.train_set), batch_size=self.batch_size,
+                          sampler=EpochSampler(len(self.train_set), self.order_seed),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from featurelens.checkpoints import read_file
 from featurelens.errors import ConfigError
 
 TORCHVISION_ARCHS = ("alexnet", "vgg11", "vgg16", "vgg16_bn", "resnet18", "resnet34", "resnet50")
@@ -110,11 +111,11 @@ def _load_weights(model: nn.Module, arch: str, weights: str) -> str:
     """Load torchvision weights by enum name (e.g. ``IMAGENET1K_V1``, needs internet once) or a local file."""
     path = Path(weights).expanduser()
     if path.suffix in {".pt", ".pth", ".ckpt", ".bin"} or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"model.weights={weights!r}: no such file")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_file(path, "model.weights")
         if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
             state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ConfigError(f"model.weights={weights!r} holds a {type(state).__name__}, not a state dict")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or len(missing) == len(model.state_dict()):
             raise ConfigError(f"model.weights={weights!r} does not match {arch}: "

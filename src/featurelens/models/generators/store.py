@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from featurelens.checkpoints import read_file
 from featurelens.errors import ConfigError
 from featurelens.models.generators.base import Generator, freeze
 from featurelens.models.generators.cvae import CondVAEGenerator, load_training_data, train_cvae, valid_resolutions
@@ -89,11 +90,7 @@ def load_cvae(path: str | Path, device: str | torch.device = "cpu") -> CondVAEGe
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"generator.ckpt={str(path)!r}: no such file; make one with {MAKE_ONE}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"generator.ckpt={str(path)!r} is not a readable checkpoint ({type(e).__name__}: {e})"
-                          ) from None
+    ckpt = read_file(path, "generator.ckpt", weights_only=True)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise ConfigError(f"generator.ckpt={str(path)!r} is not a featurelens cVAE checkpoint (format "
                           f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, "
