@@ -173,7 +173,7 @@ def test_every_experiment_composes_its_whole_sweep_grid(cfg_factory, name):
     want_models, want_data = EXPERIMENTS[name]
     assert models == want_models and datasets == {want_data}
     text = (Path(CONF) / "experiment" / f"{name}.yaml").read_text()
-    header = " ".join(line for line in text.splitlines() if line.startswith("#")).lower()
+    header = " ".join(line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")).lower()
     for shown in (*want_models, want_data):
         assert DISPLAY[shown].lower() in header, (name, shown)
-    assert f"experiment={name}" in (ROOT / "README.md").read_text()
+    assert f"`{name}`" in (ROOT / "README.md").read_text()

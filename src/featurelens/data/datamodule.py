@@ -92,7 +92,7 @@ class SeededItems(Dataset):
             return self.dataset[key]
         i, item_seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed)
+            torch.default_generator.manual_seed(item_seed)  # CPU only: 1000x cheaper than torch.manual_seed
             return self.dataset[i]
 
 
