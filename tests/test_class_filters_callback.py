@@ -15,8 +15,8 @@ from featurelens.errors import ConfigError
 from featurelens.results import read_results
 from featurelens.train import train
 
-# TINY's small CNN has a head over D = 8 features; k_grid includes D as the exact control
-CF = ["analysis=[chirality,class_filters]", "analysis.class_filters.k=3", "analysis.class_filters.k_grid=[1,3,8]",
+# TINY's small CNN has a head over D = 8 features; k = D (the exact control) is scored without being in k_grid
+CF = ["analysis=[chirality,class_filters]", "analysis.class_filters.k=3", "analysis.class_filters.k_grid=[1,3]",
       "analysis.class_filters.n_per_class=8", "analysis.class_filters.fractions=[0.5,0.7]"]
 
 
@@ -39,6 +39,7 @@ def test_training_run_logs_every_epoch_with_exact_controls(trained):
         assert r[p + "head"] == "classifier" and r[p + "dim"] == 8
         # k = D keeps every feature: the decomposed head is the full head
         assert r[p + "k8/acc_decomposed"] == r[p + "acc_full"]
+        assert r[p + "selection"] == "8 per class" and r[p + "selection_images"] == sum(r[p + "n_images"]) == 80
         assert len(r[p + "sets"]) == 10 and all(len(s) == 3 == len(set(s)) for s in r[p + "sets"])
         assert r[p + "mac_reduction"] == pytest.approx(8 / 3)
         assert 0 <= r[p + "mi_excl_self"] <= r[p + "mi_incl_self"] + 1e-12

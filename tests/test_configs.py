@@ -76,10 +76,16 @@ def test_bad_values_are_rejected_by_name(cfg_factory, override, needle):
     assert needle in str(err.value)
 
 
-def test_missing_imagefolder_root_is_rejected(cfg_factory, tmp_path):
+def test_missing_imagefolder_root_is_rejected_when_images_are_read(cfg_factory, tmp_path):
+    from featurelens.runtime import build
+
     cfg = cfg_factory("data=imagefolder", f"data.root={tmp_path}/nowhere", "data.num_classes=3", base=[])
-    with pytest.raises(ConfigError, match="nowhere"):
-        validate_config(cfg)
+    validate_config(cfg)  # a linking run on a generator reads no image
+    with pytest.raises(ConfigError, match="nowhere'?: no such folder"):
+        build(cfg.data).setup("fit")
+    (tmp_path / "nowhere" / "train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"has no \['val'\] folder"):
+        build(cfg.data).setup("fit")
 
 
 def test_pretrained_weights_with_a_reinit_is_rejected(cfg_factory):

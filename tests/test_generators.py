@@ -264,8 +264,32 @@ def test_stylegan_xl_adapter_with_a_fake_checkout(fake_checkout, pkl, quantize):
     c = torch.nn.functional.one_hot(torch.tensor([1, 1]), 4).float()
     torch.testing.assert_close(gen.sample_w(2, 1, psi=1.0, seed=9), gen.G.mapping(z, c)[:, 0])
     x = gen.synthesize(gen.sample_w(2, 1, seed=0))
-    if quantize:  # exactly k/255
+    if quantize:  # the reference's w_to_img: ((x + 1) * 255/2).clamp(0, 255) truncated to uint8, then k/255
+        gen.quantize_uint8 = False
+        exact = gen.synthesize(gen.sample_w(2, 1, seed=0))
         assert torch.equal(x * 255, (x * 255).round())
+        assert torch.equal((x * 255).round(), torch.floor(exact * 255))  # truncated, not rounded
+
+
+def test_a_stylegan_xl_linking_run_needs_no_image_folder(fake_checkout, cfg_factory, tmp_path):
+    """Linking never reads real images: the image-folder root may be empty (issue 11)."""
+    from featurelens.analyze import analyze
+    from featurelens.models import build_model
+
+    weights = tmp_path / "clf.pth"
+    torch.save(build_model("small_cnn", 4, 3, channels=[4, 8]).state_dict(), weights)
+    link = "analysis.linking."
+    cfg = cfg_factory("logger=none", "model=small_cnn", "model.channels=[4,8]", f"model.weights={weights}",
+                      "data=imagefolder", f"data.root={tmp_path / 'no_images'}", "data.num_classes=4",
+                      "data.image_size=8", "generator=stylegan_xl", f"generator.checkout={fake_checkout}",
+                      f"generator.pkl={fake_checkout.parent / 'per_class.pkl'}", "analysis=linking",
+                      f"{link}classes=[0,1]", f"{link}pairs.n_per_class=4", f"{link}pairs.heldout_per_class=2",
+                      f"{link}min_pairs=2", f"{link}cf.max_steps=2", f"{link}sweep.units_per_epoch=2",
+                      f"{link}sweep.samples=1", f"{link}ref_set.samples_per_class=2", name="sgxl",
+                      config_name="analyze")
+    record = analyze(cfg)["linking"]
+    assert record["linking/n_per_class"] == 4 and record["linking/min_pairs"] == 2
+    assert not (tmp_path / "no_images").exists()
 
 
 def test_stylegan_xl_checks_the_class_count_and_resolution(fake_checkout):

@@ -240,6 +240,26 @@ def test_local_entropy_matches_brute_force():
                 assert fast[n, y, x].item() == pytest.approx(float(-(p * np.log2(p)).sum()), abs=1e-12)
 
 
+def test_grey_levels_are_the_references_rgb2gray_bytes():
+    """``img_as_ubyte(rgb2gray(img))``: BT.709 weights, rint; not the BT.601 weights of the luminance."""
+    pure = torch.eye(3).view(3, 3, 1, 1)  # red, green, blue pixels
+    assert lk.grey_levels(pure).flatten().tolist() == [54, 182, 18]  # BT.601 would give 76, 150, 29
+    img = torch.randint(0, 256, (2, 3, 5, 7), generator=torch.Generator().manual_seed(0)).double() / 255
+    want = np.rint(255 * np.einsum("nchw,c->nhw", img.numpy(), [0.2125, 0.7154, 0.0721]))
+    np.testing.assert_array_equal(lk.grey_levels(img).numpy(), want)
+    np.testing.assert_allclose(lk.luminance_map(pure).flatten().numpy(), np.array([0.299, 0.587, 0.114]) * 85)
+
+
+def test_a_part_absent_at_step_0_keeps_its_raw_area_change():
+    images = torch.full((3, 3, 8, 8), 0.5)
+    masks = torch.zeros(3, 8, 8, dtype=torch.long)
+    masks[1, :2, :2], masks[2, :3, :4] = 1, 1  # part 1: absent, 4 px, 12 px; part 0 shrinks 64 -> 52
+    r, logits = torch.zeros(3, 4), torch.zeros(3, 2)
+    row = lk._change_row(0, 0, 0, r, logits, images, masks, torch.ones(4), ("background", "body"), 1.0, 3)
+    assert row["body/area"] == 12.0  # the reference divides by 1 when the step-0 area is 0
+    assert row["background/area"] == pytest.approx(-12 / 64)
+
+
 def test_ellipse_eccentricity_closed_form():
     H, W, a, b = 101, 121, 40.0, 16.0
     ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")

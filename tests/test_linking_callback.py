@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 from conftest import TINY, wandb_media
 
+from featurelens.analysis import linking as lk
 from featurelens.analysis.linking import LinkingMap
 from featurelens.analyze import analyze
 from featurelens.callbacks import LinkingCallback
 from featurelens.errors import ConfigError
+from featurelens.models.builders import MLP
 from featurelens.results import read_results
 from featurelens.train import train
 
@@ -73,6 +76,40 @@ def test_overlapping_heldout_seeds_and_missing_generator_are_config_errors(cfg_f
     cfg = cfg_factory("logger=none", "model=small_cnn", "model.channels=[4,8]", *DIGITS, *LINK,
                       f"generator.ckpt={tmp_path}/missing.pt", name="nogen", config_name="analyze")
     with pytest.raises(ConfigError, match="missing.pt"):
+        analyze(cfg)
+
+
+def test_pair_counts_and_heldout_seeds_follow_the_head_width_and_the_classes():
+    cb = LinkingCallback(classes=[996, 997, 998, 999])
+    min_pairs, n_per_class, seed_base, heldout_base = cb._pair_counts(2048, [996, 997, 998, 999])
+    assert (min_pairs, n_per_class, seed_base) == (4096, 1280, 0)  # 4 x 1280 = 5120 >= 2 d: a map is fitted
+    assert heldout_base == 1000 * 20 * 1280  # right after class 999's last training seed: disjoint
+    assert cb._pair_counts(128, [0, 1, 2, 3])[:2] == (256, 500)  # small heads keep 500 per class
+    fixed = LinkingCallback(pairs={"n_per_class": 12, "heldout_base": 10**9}, min_pairs=4)
+    assert fixed._pair_counts(2048, [0, 1]) == (4, 12, 0, 10**9)
+
+
+def test_the_classifier_sees_the_central_crop_of_generated_images():
+    ctx = SimpleNamespace(device="cpu", datamodule=SimpleNamespace(
+        normalisation=lambda: ([0.0] * 3, [1.0] * 3), input_size=4, channels=3, setup=lambda stage=None: None))
+    x = torch.rand(2, 3, 8, 8)
+    stylegan_like = SimpleNamespace(classifier_crop=0.5)
+    torch.testing.assert_close(LinkingCallback()._view(ctx, stylegan_like)(x), x[..., 2:6, 2:6])
+    whole = LinkingCallback(crop=1.0)._view(ctx, stylegan_like)(x)  # the option to resize the whole image
+    torch.testing.assert_close(whole, torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear",
+                                                                      antialias=True))
+    big = torch.rand(1, 3, 256, 256)
+    assert torch.equal(lk.centre_crop(big, 224 / 256), big[..., 16:240, 16:240])
+
+
+def test_a_head_module_that_is_not_the_final_layer_is_a_config_error(cfg_factory):
+    with pytest.raises(ValueError, match="not the final layer"):
+        lk.FeatureExtractor(mlp := MLP(12, [8, 8], 3), "features.1")(torch.rand(2, 12))
+    r, logits = lk.FeatureExtractor(mlp, "classifier")(torch.rand(2, 12))
+    assert r.shape == (2, 8) and logits.shape == (2, 3)
+    cfg = cfg_factory("logger=none", "model=mlp", "model.hidden=[8,8]", *DIGITS, *LINK,
+                      "analysis.linking.head_module=features.1", name="midhead", config_name="analyze")
+    with pytest.raises(ConfigError, match=r"head_module.*not the final layer"):
         analyze(cfg)
 
 

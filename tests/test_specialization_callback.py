@@ -95,6 +95,12 @@ def test_all_parts_run_on_a_checkpoint(cfg_factory):
     assert 0 < record["specialization/activations/importance/fisher_p_mean"] <= 1
     assert ((table.p_mean.dropna() >= 0.05) & (table.p_mean.dropna() <= 1)).all()
     assert (out / "vis_grid_weights.png").is_file() and (out / "vis_grid_activations.png").is_file()
+    for partition in ("weights", "activations"):  # the logged aggregates are the documented ones (spec §2.6)
+        rows, key = table[table.partition == partition], f"specialization/{partition}/coherence/"
+        vis = rows[rows.part == "coherence_vis"].effect_vis_score.dropna()
+        assert record[key + "vis_score/effect"] == pytest.approx(2 * vis.mean())  # t/(t + r): 1 = like random
+        entropy_ratio = rows[rows.part == "coherence_dataset"].effect
+        assert record[key + "dataset/effect"] == pytest.approx(entropy_ratio[np.isfinite(entropy_ratio)].mean())
 
 
 @pytest.mark.parametrize("override", ["analysis.specialization.parts=[lesions]", "analysis.specialization.k=1",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from conftest import ROOT, TINY
 
 from featurelens.errors import DiskFullError, DivergedError, NonFiniteLossError
+from featurelens.models import init_weights
 from featurelens.results import read_results
 from featurelens.train import train
 
@@ -213,3 +215,16 @@ def test_every_init_trains_two_epochs_without_diverging(cfg_factory, model, init
     cfg = cfg_factory(f"model={model}", *size, f"init={init}", "analysis=none", "test=false", base=base)
     metrics = train(cfg)  # a diverging run raises DivergedError
     assert metrics["epochs"] == 2 and torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+@pytest.mark.parametrize("method", ["kaiming_normal", "kaiming_uniform"])
+def test_kaiming_draws_conv_layers_with_mode_and_linear_layers_with_linear_mode(method):
+    """A fan_out draw of a 4096 -> 10 head has std sqrt(2/10): initial losses of 30-100 on VGG-16 (issue 10)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 64, 3), torch.nn.Flatten(), torch.nn.Linear(4096, 10))
+    init_weights(net, method, mode="fan_out", nonlinearity="relu")
+    assert float(net[0].weight.std()) == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
+    assert float(net[2].weight.std()) == pytest.approx(math.sqrt(2 / 4096), rel=0.05)
+    init_weights(net, method, mode="fan_in", linear_mode="fan_out", nonlinearity="relu")
+    assert float(net[0].weight.std()) == pytest.approx(math.sqrt(2 / (8 * 9)), rel=0.05)
+    assert float(net[2].weight.std()) == pytest.approx(math.sqrt(2 / 10), rel=0.05)

@@ -114,9 +114,6 @@ def _validate_data(d: DictConfig) -> None:
                "must be an integer >= 0")
     if "flip_aug" in d:
         _check(isinstance(d.flip_aug, bool), "data.flip_aug", d.flip_aug, "must be true or false")
-    if d.name == "imagefolder":
-        root = Path(str(d.root)).expanduser()
-        _check(root.is_dir(), "data.root", str(d.root), "no such folder (an imagefolder root holds train/ and val/)")
 
 
 def _validate_training(cfg: DictConfig) -> None:

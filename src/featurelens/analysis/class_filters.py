@@ -561,6 +561,14 @@ def features_per_class(nhist_f: Tensor) -> Tensor:
 def psi(nhist_f: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     """Selectivity ``Psi_f^c = (D - stat_{i in c} n_i(f)) / D`` with the (lower) median and the mean (§2.6).
 
+    Median convention (project reading; the spec writes "median"): the *lower* median, the ``ceil(N/2)``-th
+    smallest ``n_i(f)`` of the class's ``N`` images, as in :func:`features_per_class`. It is always an attained
+    value; ``numpy.median`` instead averages the two middle values when ``N`` is even (``n = 1, 1, 2, 2``:
+    1 here, 1.5 with numpy), so on even class sizes Ψ here is higher by half the gap between the two middle
+    values, over D. Ties in the feature
+    ranking of §2.2 go to the lower index, the set selection of §2.3 breaks ties by mass then index
+    (:func:`select_topk`).
+
     Returns two ``(C,)`` float64 tensors; classes without images give NaN.  The layer value is the mean over
     classes.
     """

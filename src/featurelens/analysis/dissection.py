@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from featurelens.analysis.hooks import recorded
+
 __all__ = [
     "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "counts_from_tally", "default_layer",
     "dissect", "dissect_layers", "iou", "make_quantiles", "random_init_copy", "random_rotation", "resolve_layer",
@@ -613,7 +615,7 @@ class _StopForward(Exception):
 
 def _layer_output(out) -> torch.Tensor:
     """A hooked module's output as a float (B, U, h, w) copy (an in-place ReLU after it must not change it)."""
-    a = (out[0] if isinstance(out, tuple | list) else out).detach().float().clone()
+    a = recorded(out, lambda t: t.float())
     return a[:, :, None, None] if a.ndim == 2 else a
 
 

@@ -30,7 +30,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -39,7 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featurelens.analysis.specialization import fisher_combine, percentile_left, percentile_right, seed_sequence_ints
+from featurelens.analysis.specialization import (
+    fisher_combine,
+    mean_sem,
+    percentile_left,
+    percentile_right,
+    seed_sequence_ints,
+)
 
 __all__ = [
     "COLOR_CORRELATION_SVD_SQRT",
@@ -311,15 +316,6 @@ def _effect(t: float, null: np.ndarray) -> float:
     return float(np.mean(t / (t + null)))
 
 
-def _two_x_mean_sem(values: Sequence[float]) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan"), float("nan")
-    sem = float(np.std(2 * v, ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
-    return float(2 * v.mean()), sem
-
-
 def vis_coherence(model: nn.Module, z_module: nn.Module, sets: Sequence[Tensor | Sequence[int]],
                   layer_size: int, candidates: Tensor | Sequence[int] | None = None, *, n_random: int = 19,
                   seed: int = 0, min_size: int = 3, max_frac: float = 0.99,
@@ -377,7 +373,7 @@ def vis_coherence(model: nn.Module, z_module: nn.Module, sets: Sequence[Tensor |
         else:
             summary[f"fisher_p_{stat}"] = float("nan")
             summary[f"fisher_stat_{stat}"] = float("nan")
-        eff, sem = _two_x_mean_sem([r[f"effect_{stat}"] for r in rows])
+        eff, sem = mean_sem([r[f"effect_{stat}"] for r in rows], scale=2)
         summary[f"effect_{stat}"] = eff
         summary[f"effect_{stat}_sem"] = sem
     return rows, summary

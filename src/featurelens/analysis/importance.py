@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from featurelens.analysis.specialization import (
     WeightGraph,
     fisher_combine,
+    mean_sem,
     percentile_left,
     percentile_right,
     seed_sequence_ints,
@@ -317,14 +318,6 @@ def subcluster_importance(acc0: Any, acc_true: Any, acc_random: Any) -> dict[str
             "p_range": p_range, "e_mean": e_mean, "e_range": e_range, "n_random": int(ar.shape[0])}
 
 
-def _mean_sem(x: Sequence[float]) -> tuple[float, float]:
-    v = np.asarray([e for e in x if np.isfinite(e)], dtype=np.float64)
-    if v.size == 0:
-        return math.nan, math.nan
-    sem = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
-    return float(v.mean()), sem
-
-
 def _fisher(p: Sequence[float], n_random: int) -> tuple[float, float]:
     v = np.asarray([q for q in p if np.isfinite(q)], dtype=np.float64)
     if v.size == 0:
@@ -341,12 +334,12 @@ def summarize_importance(rows: Sequence[dict[str, Any]], n_random: int = 19) -> 
     pr = [r["p_range"] for r in rows]
     fp_mean, fstat = _fisher(pm, n_random)
     fp_range, fstat_range = _fisher(pr, n_random)
-    em, em_sem = _mean_sem([r["e_mean"] for r in rows])
-    er, er_sem = _mean_sem([r["e_range"] for r in rows])
+    em, em_sem = mean_sem([r["e_mean"] for r in rows], scale=2)
+    er, er_sem = mean_sem([r["e_range"] for r in rows], scale=2)
     pmin = 1.0 / (n_random + 1)
     return {"fisher_p_mean": fp_mean, "fisher_p_range": fp_range, "fisher_stat": fstat,
-            "fisher_stat_range": fstat_range, "effect_mean": 2 * em, "effect_mean_sem": 2 * em_sem,
-            "effect_range": 2 * er, "effect_range_sem": 2 * er_sem,
+            "fisher_stat_range": fstat_range, "effect_mean": em, "effect_mean_sem": em_sem,
+            "effect_range": er, "effect_range_sem": er_sem,
             "frac_min_p_mean": float(np.mean([abs(p - pmin) < 1e-12 for p in pm])) if pm else math.nan,
             "n_eligible": len(rows)}
 
@@ -462,6 +455,6 @@ def dataset_coherence(unit_scores: Tensor, targets: Tensor, sets: Sequence[Any],
         rows.append({"set": i, "size": int(len(s)), "entropy": h_s, "random_entropy_mean": float(h_r.mean()),
                      "p": percentile_left(h_s, h_r), "effect": effect})
     fp, fstat = _fisher([r["p"] for r in rows], n_random)
-    eff, eff_sem = _mean_sem([r["effect"] for r in rows])
+    eff, eff_sem = mean_sem([r["effect"] for r in rows])
     return rows, {"fisher_p": fp, "fisher_stat": fstat, "effect": eff, "effect_sem": eff_sem,
                   "n_eligible": len(rows)}

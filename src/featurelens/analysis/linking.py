@@ -54,6 +54,7 @@ __all__ = [
     "activation_ranges",
     "unit_sweep",
     "luminance_map",
+    "centre_crop",
     "grey_levels",
     "local_entropy",
     "disk_offsets",
@@ -487,8 +488,12 @@ class FeatureExtractor:
         return torch.zeros(self.head.out_features, device=self.weight.device) if b is None else b.detach()
 
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(r, logits)`` of ``images``; raises ``ValueError`` when the head's output is not the model's output
+        (a non-final layer: counterfactuals would read its units as class logits)."""
         captured: list[Tensor] = []
-        handle = head_input_hook(self.head, captured)
+        outputs: list[Tensor] = []
+        handles = [head_input_hook(self.head, captured),
+                   self.head.register_forward_hook(lambda _m, _i, out: outputs.append(out))]
         was_training = self.model.training
         try:
             self.model.eval()
@@ -496,9 +501,24 @@ class FeatureExtractor:
                 x = self.preprocess(images) if self.preprocess is not None else images
                 logits = self.model(x)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
             self.model.train(was_training)
+        out = outputs[-1]
+        if out is not logits and (out.shape != logits.shape or not torch.equal(out, logits)):
+            raise ValueError(f"the {self.head.in_features} -> {self.head.out_features} nn.Linear is not the final "
+                             f"layer: its output {tuple(out.shape)} is not the model's output {tuple(logits.shape)}; "
+                             "name the layer that produces the class logits (null: the last nn.Linear)")
         return captured[-1], logits
+
+
+def centre_crop(images: Tensor, fraction: float) -> Tensor:
+    """The central ``round(fraction * side)`` pixels of ``(n, C, H, W)`` images (torchvision's centre crop;
+    256 px at 224/256: the 224 px crop of the reference's Resize(256) + CenterCrop(224))."""
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = images.shape[-2:]
+    return TF.center_crop(images, [max(1, round(h * fraction)), max(1, round(w * fraction))])
 
 
 def head_input_hook(head: nn.Module, store: list[Tensor]) -> torch.utils.hooks.RemovableHandle:
@@ -556,19 +576,27 @@ def unit_sweep(r0: Tensor, unit: int, lo: float | Tensor, hi: float | Tensor, n_
     return out
 
 
-def _grey(x: Tensor) -> Tensor:
-    """``(n, H, W)`` ``0.299 R + 0.587 G + 0.114 B`` of RGB images; a one-channel image is its own grey value."""
-    return x[:, 0] if x.shape[1] == 1 else 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+# The reference weighs RGB differently for its two measures (§4.3): luminance with ITU-R BT.601 weights, the
+# grey image behind the local entropy with scikit-image's ``rgb2gray`` (BT.709) before ``img_as_ubyte``.
+LUMINANCE_WEIGHTS = (0.299, 0.587, 0.114)
+ENTROPY_GREY_WEIGHTS = (0.2125, 0.7154, 0.0721)
+
+
+def _grey(x: Tensor, weights: tuple[float, float, float]) -> Tensor:
+    """``(n, H, W)`` weighted sum of the RGB channels; a one-channel image is its own grey value."""
+    return x[:, 0] if x.shape[1] == 1 else weights[0] * x[:, 0] + weights[1] * x[:, 1] + weights[2] * x[:, 2]
 
 
 def luminance_map(images: Tensor) -> Tensor:
     """``(n, H, W)`` luminance ``(0.299 R + 0.587 G + 0.114 B) / 3`` on the 0-255 scale (range 0-85, §4.3)."""
-    return _grey(images.to(torch.float64)) * 255.0 / 3.0
+    return _grey(images.to(torch.float64), LUMINANCE_WEIGHTS) * 255.0 / 3.0
 
 
 def grey_levels(images: Tensor) -> Tensor:
-    """``(n, H, W)`` int64 grey levels ``round(255 * (0.299 R + 0.587 G + 0.114 B))`` in 0..255."""
-    return torch.round(255.0 * _grey(images.to(torch.float64).clamp(0, 1))).clamp(0, 255).to(torch.int64)
+    """``(n, H, W)`` int64 grey levels ``rint(255 * (0.2125 R + 0.7154 G + 0.0721 B))`` in 0..255: the
+    reference's ``img_as_ubyte(rgb2gray(img))`` (round half to even, as ``numpy.rint``)."""
+    grey = _grey(images.to(torch.float64).clamp(0, 1), ENTROPY_GREY_WEIGHTS)
+    return torch.round(255.0 * grey).clamp(0, 255).to(torch.int64)
 
 
 def disk_offsets(radius: int = 5) -> Tensor:
@@ -763,8 +791,8 @@ def _change_row(u, s, label, r_new, logits, images, masks, sigma, parts, min_par
             d = float(v[-1] - v[0])
             if drop or math.isnan(d):
                 d = math.nan
-            elif m == "area":
-                d = d / float(area[0]) if float(area[0]) > 0 else math.nan
+            elif m == "area":  # relative to the step-0 area; a part absent at step 0 keeps the raw change,
+                d = d / float(area[0]) if float(area[0]) > 0 else d  # as the reference (divisor 0 -> 1)
             elif m == "luminance":
                 d = d / 85.0
             elif m == "orientation":

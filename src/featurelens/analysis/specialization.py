@@ -67,6 +67,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from featurelens.analysis.hooks import record_outputs
+
 __all__ = [
     "ConvNorm",
     "ShuffleMethod",
@@ -89,6 +91,7 @@ __all__ = [
     "ActivationCorrelation",
     "ActivationGraph",
     "activation_graph",
+    "mean_sem",
     "percentile_left",
     "percentile_right",
     "FisherResult",
@@ -833,8 +836,9 @@ def activation_graph(model: nn.Module, data: Iterable[Any], graph: WeightGraph |
     Units: an MLP's hidden layers (the weight graph's groups without input and logits), a CNN's conv channels.
     ``z`` is read with forward hooks on each group's ``z_module`` (the BN folded into the layer, else the layer
     itself: the input of the nonlinearity; in a ResNet the BN output before the residual add), reduced
-    immediately (safe against in-place ReLUs).  ``data`` yields input tensors or ``(x, ...)`` tuples; the
-    model runs in eval mode without gradients (train mode is restored) until ``max_samples`` rows are seen.
+    inside the hooks and never aliased (an in-place ReLU after the layer cannot rewrite them, :mod:`.hooks`).
+    ``data`` yields input tensors or ``(x, ...)`` tuples; the model runs in eval mode without gradients (train
+    mode is restored) until ``max_samples`` rows are seen.
     """
     graph = graph if graph is not None else weight_graph(model, **graph_kwargs)
     layers = list(range(len(graph.layer_sizes)))
@@ -843,28 +847,21 @@ def activation_graph(model: nn.Module, data: Iterable[Any], graph: WeightGraph |
     names = [graph.z_modules[i] for i in layers]
     sizes = np.asarray([graph.layer_sizes[i] for i in layers], dtype=np.int64)
     metric = ActivationCorrelation(int(sizes.sum()), max_samples, corr, act_reduction)
-    current: dict[int, Tensor] = {}
-    handles = []
-    for pos, name in enumerate(names):
-        def hook(_m, _i, out, pos=pos):
-            current[pos] = reduce_activations(out.detach(), act_reduction).float()
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), record_outputs({n: model.get_submodule(n) for n in names},
+                                             lambda z: reduce_activations(z, act_reduction).float()) as current:
             for batch in data:
                 x = batch[0] if isinstance(batch, (list, tuple)) else batch
                 if device is not None:
                     x = x.to(device)
                 current.clear()
                 model(x)
-                metric.update(torch.cat([current[p].cpu() for p in range(len(names))], dim=1))
+                metric.update(torch.cat([current[n].cpu() for n in names], dim=1))
                 if int(metric.n_stored) >= max_samples:
                     break
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     adj = metric.compute().cpu().numpy()
     return ActivationGraph(adj, [graph.layer_names[i] for i in layers], sizes, metric.samples().numpy(), layers)
@@ -873,6 +870,16 @@ def activation_graph(model: nn.Module, data: Iterable[Any], graph: WeightGraph |
 # --------------------------------------------------------------------------------------------------------------
 # Statistics helpers (§2.5, §2.6)
 # --------------------------------------------------------------------------------------------------------------
+
+
+def mean_sem(values: Sequence[float], scale: float = 1.0) -> tuple[float, float]:
+    """``scale`` x (mean, SEM with ddof 1) of the finite ``values`` (NaN/inf excluded; SEM NaN for one value).
+    Effect factors ``t/(t + r)`` are aggregated with ``scale=2``, so that 1 means "like random" (§2.6)."""
+    v = np.asarray([e for e in values if e is not None and np.isfinite(e)], dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    sem = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+    return scale * float(v.mean()), scale * sem
 
 
 def percentile_left(value: float, null: Sequence[float] | np.ndarray) -> float:

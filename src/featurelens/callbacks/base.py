@@ -69,9 +69,7 @@ def model_preprocess(ctx: AnalysisContext) -> Callable[[torch.Tensor], torch.Ten
     dm = ctx.datamodule
     if dm is None or not hasattr(dm, "setup"):
         raise RuntimeError("the model's preprocessing needs a featurelens ImageDataModule")
-    dm.setup("fit")  # idempotent; sets the training normalisation
-    mean = torch.tensor(dm.mean, device=ctx.device).view(1, -1, 1, 1)
-    std = torch.tensor(dm.std, device=ctx.device).view(1, -1, 1, 1)
+    mean, std = (torch.tensor(v, device=ctx.device).view(1, -1, 1, 1) for v in dm.normalisation())
     size = int(dm.input_size)
 
     def prep(x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from torch import nn
 
 from featurelens import plots
 from featurelens.analysis import class_filters as cf
+from featurelens.analysis.hooks import record_outputs
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, wandb_loggers
 from featurelens.errors import ConfigError
 
@@ -39,8 +40,10 @@ TABLE_COLUMNS = ["class", "S_c", "h_c_on_S", "n_images", "acc_full", "acc_decomp
 class ClassFiltersCallback(AnalysisCallback):
     """Badola et al.: per-class feature sets of the final layer's input and the decomposed head.
 
-    ``k``: the default integer set size (``k1 = k2 = k``); ``k_grid``: every k also scored; ``fractions``
-    with ``f_hist`` (default = f): fractional k; ``n_per_class``: selection images per class (null = all);
+    ``k``: the default integer set size (``k1 = k2 = k``); ``k_grid``: every k also scored, always with
+    k = D (the exact control: the decomposed head is the full head); ``fractions``
+    with ``f_hist`` (default = f): fractional k; ``n_per_class``: selection images per class (null = all; logged
+    as ``selection``/``selection_images``);
     ``head_module``: the final ``nn.Linear`` (default: the last Linear of the model); ``psi_layers``:
     extra module names whose global-average-pooled outputs get the selectivity Ψ; ``reference_indices``:
     a JSON file of reference sets (list of lists) for ``jaccard_vs_reference``; ``cache_mb``: the selection
@@ -76,18 +79,12 @@ class ClassFiltersCallback(AnalysisCallback):
     # ------------------------------------------------------------------ passes
     def _batches(self, model: nn.Module, ctx: AnalysisContext, dataset, modules: dict[str, nn.Module]):
         """Yield (captured inputs of the head, GAP'd outputs of ``modules``, labels) per batch."""
-        outputs: dict[str, torch.Tensor] = {}
-        hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: outputs.__setitem__(n, out))
-                 for n, m in modules.items() if n != "__head__"]
-        try:
-            with cf.capture_head_input(modules["__head__"]) as feats:
-                for x, y in ctx.datamodule.loader(dataset, self.batch_size, ctx.shard):
-                    model(x.to(ctx.device))
-                    pooled = {n: o.flatten(2).mean(-1) if o.dim() > 2 else o for n, o in outputs.items()}
-                    yield feats.pop(), pooled, y.to(ctx.device)
-        finally:
-            for h in hooks:
-                h.remove()
+        layers = {n: m for n, m in modules.items() if n != "__head__"}
+        with (record_outputs(layers, lambda o: o.flatten(2).mean(-1) if o.dim() > 2 else o) as pooled,
+              cf.capture_head_input(modules["__head__"]) as feats):
+            for x, y in ctx.datamodule.loader(dataset, self.batch_size, ctx.shard):
+                model(x.to(ctx.device))
+                yield feats.pop(), dict(pooled), y.to(ctx.device)
 
     def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
         if ctx.datamodule is None:
@@ -97,7 +94,7 @@ class ClassFiltersCallback(AnalysisCallback):
         except ValueError as e:
             raise ConfigError(str(e)) from None
         num_classes, dim = head.out_features, head.in_features
-        ks = sorted({min(K, dim) for K in (*self.k_grid, self.k)})
+        ks = sorted({dim, *(min(K, dim) for K in (*self.k_grid, self.k))})  # k = D: the exact control
         k_default = min(self.k, dim)
         modules = {"__head__": head, **{n: model.get_submodule(n) for n in self.psi_layers}}
         select = ctx.datamodule.class_subset(self.n_per_class, self.selection_seed)
@@ -173,6 +170,8 @@ class ClassFiltersCallback(AnalysisCallback):
             "sets": idx.tolist(),
             "h_on_sets": torch.gather(st["hist"][ks.index(k_default)], 1, idx).tolist(),
             "n_images": st["count"].tolist(),
+            "selection": "all" if self.n_per_class is None else f"{self.n_per_class} per class",
+            "selection_images": int(st["count"].sum()),
             "per_class_acc": {n: per_class[n] for n in ("full", f"k{k_default}", "noise_at_S", "noise_at_rest")},
             "per_class_correct": {n: ev["correct"][names.index(n)].tolist() for n in ("noise_at_S", "noise_at_rest")},
         }

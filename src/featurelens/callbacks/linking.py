@@ -20,7 +20,7 @@ import itertools
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,11 +59,12 @@ class LinkingCallback(AnalysisCallback):
                  head_module: str | None = None, classes: Sequence[int] | None = None,
                  pairs: dict[str, Any] | None = None, psi: float = 0.7, fit: dict[str, Any] | None = None,
                  min_pairs: int | None = None, ref_set: dict[str, Any] | None = None,
-                 sweep: dict[str, Any] | None = None, cf: dict[str, Any] | None = None, batch_size: int = 256):
+                 sweep: dict[str, Any] | None = None, cf: dict[str, Any] | None = None, batch_size: int = 256,
+                 crop: float | None = None):
         super().__init__(every_n_epochs)
         self.generator_cfg = _plain(generator) or {"name": "cvae"}
-        self.pairs = {"n_per_class": 500, "heldout_per_class": 100, "draw_factor": 20, "seed_base": 0,
-                      "heldout_base": 1_000_000, **_plain(pairs)}
+        self.pairs = {"n_per_class": None, "heldout_per_class": 100, "draw_factor": 20, "seed_base": 0,
+                      "heldout_base": None, **_plain(pairs)}
         self.fit = {"alpha": 0.0, "mlp": False, **_plain(fit)}
         self.ref_set = {"samples_per_class": 8, "seed": 136, **_plain(ref_set)}
         self.sweep = {"n_steps": 3, "units_per_epoch": 32, "samples": 4, "seed": 0,
@@ -76,7 +77,8 @@ class LinkingCallback(AnalysisCallback):
         if self.fit["alpha"] < 0:
             problems.append(f"fit.alpha={self.fit['alpha']} (need >= 0; 0 is OLS)")
         p = self.pairs
-        if p["n_per_class"] < 1 or p["heldout_per_class"] < 1 or p["draw_factor"] < 1:
+        n_per_class = 1 if p["n_per_class"] is None else p["n_per_class"]
+        if n_per_class < 1 or p["heldout_per_class"] < 1 or p["draw_factor"] < 1:
             problems.append(f"pairs: n_per_class={p['n_per_class']}, heldout_per_class={p['heldout_per_class']}, "
                             f"draw_factor={p['draw_factor']} (need >= 1)")
         if self.sweep["n_steps"] < 2 or self.sweep["units_per_epoch"] < 0 or self.sweep["samples"] < 1:
@@ -89,12 +91,14 @@ class LinkingCallback(AnalysisCallback):
             problems.append(f"cf: max_steps={self.cf['max_steps']} (>= 0), lr={self.cf['lr']} (> 0)")
         if any(len(pair) != 2 for pair in self.cf["pairs"]):
             problems.append(f"cf.pairs={self.cf['pairs']} (a list of [origin, target] class pairs)")
+        if crop is not None and not 0 < crop <= 1:
+            problems.append(f"crop={crop} (the central fraction of a generated image: 0 < crop <= 1, or null)")
         if self.ref_set["samples_per_class"] < 2:
             problems.append(f"ref_set.samples_per_class={self.ref_set['samples_per_class']} (need >= 2)")
         if problems:
             raise ConfigError("analysis.linking: " + "; ".join(problems))
         self.head_module, self.classes, self.psi = head_module, classes, float(psi)
-        self.min_pairs, self.batch_size = min_pairs, batch_size
+        self.min_pairs, self.batch_size, self.crop = min_pairs, batch_size, crop
         self._gen = None
         self._last: dict[str, Any] = {}
 
@@ -116,6 +120,30 @@ class LinkingCallback(AnalysisCallback):
             raise ConfigError(f"analysis.linking.classes={self.classes}: distinct classes in 0..{gen.num_classes - 1}")
         return classes
 
+    def _pair_counts(self, d: int, classes: list[int]) -> tuple[int, int, int, int]:
+        """``(min_pairs, n_per_class, seed_base, heldout_base)``: null settings derived from the head width ``d``
+        and the classes. min_pairs = 2 d; n_per_class = max(500, 1.25 min_pairs / #classes), so a map is fitted
+        even when a few classes stop at the draw cap (ResNet-50, 4 classes: 1,280 per class); held-out seeds
+        start right after the last training seed, disjoint for any class ids (ImageNet's up to 999)."""
+        p = self.pairs
+        min_pairs = self.min_pairs if self.min_pairs is not None else 2 * d
+        n_per_class = p["n_per_class"] or max(500, math.ceil(1.25 * min_pairs / len(classes)))
+        train_seeds = self._seed_range(p["seed_base"], n_per_class, classes)
+        heldout_base = train_seeds[1] if p["heldout_base"] is None else p["heldout_base"]
+        held_seeds = self._seed_range(heldout_base, p["heldout_per_class"], classes)
+        if train_seeds[0] < held_seeds[1] and held_seeds[0] < train_seeds[1]:
+            raise ConfigError(f"analysis.linking.pairs: held-out seeds {held_seeds} overlap the training seeds "
+                              f"{train_seeds}; move heldout_base (null: right after the training seeds)")
+        return min_pairs, n_per_class, p["seed_base"], heldout_base
+
+    def _view(self, ctx: AnalysisContext, gen) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Generated images -> the classifier's input: the central ``crop`` of each image (default: the
+        generator's ``classifier_crop``; StyleGAN-XL 224/256, the reference's Resize 256 + CenterCrop 224),
+        then the model's own preprocessing (resize to its input size, its normalisation)."""
+        crop = self.crop if self.crop is not None else float(getattr(gen, "classifier_crop", 1.0))
+        prep = model_preprocess(ctx)
+        return prep if crop == 1 else (lambda x: prep(lk.centre_crop(x, crop)))
+
     def _seed_range(self, base: int, n_per_class: int, classes: list[int]) -> tuple[int, int]:
         """[first, last) seed that build_pairs may use (seed = base + class * max_draws + k)."""
         stride = math.ceil(self.pairs["draw_factor"] * n_per_class)
@@ -127,22 +155,20 @@ class LinkingCallback(AnalysisCallback):
         classes = self._classes(gen)
         head = self.head_module or last_linear(model)
         try:
-            E = lk.FeatureExtractor(model, head, model_preprocess(ctx))
+            E = lk.FeatureExtractor(model, head, self._view(ctx, gen))
+            E(gen.synthesize(gen.sample_w(1, classes[0], self.psi, seed=0)))  # is the head the final layer?
         except ValueError as e:
             raise ConfigError(f"analysis.linking.head_module: {e}") from None
         p = self.pairs
-        train_seeds = self._seed_range(p["seed_base"], p["n_per_class"], classes)
-        held_seeds = self._seed_range(p["heldout_base"], p["heldout_per_class"], classes)
-        if train_seeds[0] < held_seeds[1] and held_seeds[0] < train_seeds[1]:
-            raise ConfigError(f"analysis.linking.pairs: held-out seeds {held_seeds} overlap the training seeds "
-                              f"{train_seeds}; move heldout_base")
-        train = lk.build_pairs(gen, E, None, classes, p["n_per_class"], p["draw_factor"], p["seed_base"], self.psi,
+        d, m = E.weight.shape[1], gen.w_dim
+        min_pairs, n_per_class, seed_base, heldout_base = self._pair_counts(d, classes)
+        train = lk.build_pairs(gen, E, None, classes, n_per_class, p["draw_factor"], seed_base, self.psi,
                                batch_size=self.batch_size)
-        d, m = train.r.shape[1] if len(train) else E.weight.shape[1], gen.w_dim
         values: dict[str, Any] = {"n_pairs": len(train), "keep_rate": float(train.keep_rate.mean()),
-                                  "keep_rates": dict(zip(map(str, classes), train.keep_rate.tolist(), strict=True))}
-        min_pairs = self.min_pairs if self.min_pairs is not None else 2 * d
+                                  "keep_rates": dict(zip(map(str, classes), train.keep_rate.tolist(), strict=True)),
+                                  "min_pairs": min_pairs, "n_per_class": n_per_class}
         self._last = {"epoch": ctx.epoch, "classes": classes, "keep_rates": train.keep_rate.tolist(),
+                      "seed_base": seed_base, "heldout_base": heldout_base,
                       "n_draws": train.n_draws.tolist()}
         if len(train) < min_pairs:
             warnings.warn(f"linking: epoch {ctx.epoch}: {len(train)} kept pairs < min_pairs={min_pairs} "
@@ -154,7 +180,7 @@ class LinkingCallback(AnalysisCallback):
         lmap = stats.solve(self.fit["alpha"])
         values["mse_train"] = stats.train_scores(lmap)["mse"]
         values["rank"] = int(lmap.rank) if lmap.rank is not None else d
-        held = lk.build_pairs(gen, E, None, classes, p["heldout_per_class"], p["draw_factor"], p["heldout_base"],
+        held = lk.build_pairs(gen, E, None, classes, p["heldout_per_class"], p["draw_factor"], heldout_base,
                               self.psi, batch_size=self.batch_size)
         if len(held):
             scores = lk.evaluate_map(lmap, held.r.double(), held.w.double())
@@ -255,8 +281,8 @@ class LinkingCallback(AnalysisCallback):
         if "lmap" not in last:
             return
         last["lmap"].save(out / "linking_map.npz", epoch=ctx.epoch, layer=self.head_module or last_linear(model),
-                          classes=np.asarray(last["classes"]), psi=self.psi, seed_base=self.pairs["seed_base"],
-                          heldout_base=self.pairs["heldout_base"], n_pairs_kept=int(record["linking/n_pairs"]),
+                          classes=np.asarray(last["classes"]), psi=self.psi, seed_base=last["seed_base"],
+                          heldout_base=last["heldout_base"], n_pairs_kept=int(record["linking/n_pairs"]),
                           keep_rates=np.asarray(last["keep_rates"]),
                           generator=str(self.generator_cfg.get("ckpt") or self.generator_cfg.get("pkl")
                                         or self.generator_cfg.get("name")))

@@ -185,7 +185,7 @@ class SpecializationCallback(AnalysisCallback):
                              "cluster": cluster_ids[r["set"]], **r})
                 pvalues.append(r["p"])
                 effects.append(r["effect"])
-        return rows, self._combine(pvalues, effects)
+        return rows, self._combine(pvalues, effects, effect_scale=1)  # H_r / H_S: 1 = like random
 
     def _visualisation(self, model: nn.Module, graph: spec.WeightGraph, partition: str, labels: np.ndarray,
                        ctx: AnalysisContext):
@@ -228,19 +228,23 @@ class SpecializationCallback(AnalysisCallback):
                              title=f"Feature visualisations of {partition}-partition sub-clusters")
         summary = {}
         for stat, (pvalues, effects) in stats.items():
-            summary.update({f"{stat}/{k}": v for k, v in self._combine(pvalues, effects).items()})
+            # effect factors t/(t + r_j): 2 x mean, 1 = like random (§2.6), as featvis.vis_coherence per layer
+            summary.update({f"{stat}/{k}": v for k, v in self._combine(pvalues, effects, effect_scale=2).items()})
         return rows, summary
 
-    def _combine(self, pvalues: list[float], effects: list[float]) -> dict[str, float]:
-        """Shifted Fisher combination of the sub-clusters' percentiles and the mean effect (spec §2.6)."""
+    def _combine(self, pvalues: list[float], effects: list[float], effect_scale: float) -> dict[str, float]:
+        """Shifted Fisher combination of the sub-clusters' percentiles, and ``effect_scale`` x the mean effect
+        ± SEM over the sub-clusters (spec §2.6)."""
         p = np.asarray([v for v in pvalues if v is not None and np.isfinite(v)], dtype=float)
-        e = np.asarray([v for v in effects if v is not None and np.isfinite(v)], dtype=float)
         out: dict[str, float] = {"n_sets": int(p.size)}
         if p.size:
             fisher = spec.fisher_combine(p, n_random=self.lesion["n_random"])
             out.update(fisher_p=float(fisher.pvalue), fisher_stat=float(fisher.fisher_stat))
-        if e.size:
-            out["effect"] = float(e.mean())
+        effect, sem = spec.mean_sem(effects, scale=effect_scale)
+        if np.isfinite(effect):
+            out["effect"] = effect
+            if np.isfinite(sem):
+                out["effect_sem"] = sem
         return out
 
     def _act_subset(self, ctx: AnalysisContext):

@@ -185,6 +185,16 @@ class ImageDataModule(pl.LightningDataModule):
         else:
             self._setup_torchvision()
 
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        """The training normalisation ``(mean, std)`` per channel. Torchvision datasets and image folders use
+        fixed statistics, so no image is read (a linking run on StyleGAN-XL needs no image folder); the
+        embedded datasets compute theirs from the training split (loaded once)."""
+        if self.name in _TORCHVISION:
+            _, mean, std = _TORCHVISION[self.name]
+            return list(mean), list(std)
+        self.setup("fit")
+        return self.mean, self.std
+
     def _setup_tensors(self) -> None:
         if self.name == "shapes":
             from featurelens.data.shapes import load_or_make_shapes
@@ -257,6 +267,10 @@ class ImageDataModule(pl.LightningDataModule):
             def folder(split: str, train: bool) -> Dataset:
                 return TolerantImageFolder(str(self.root / split), transform=self._transform(train))
 
+            # checked here, when images are first read, not up front: linking on a generator reads none
+            if not self.root.is_dir():
+                raise ConfigError(f"data.root={str(self.root)!r}: no such folder (an imagefolder root holds "
+                                  "train/ and val/, one folder per class)")
             missing = [s for s in ("train", "val") if not (self.root / s).is_dir()]
             if missing:
                 raise ConfigError(f"data.root={str(self.root)!r} has no {missing} folder(s); an imagefolder "

@@ -67,11 +67,16 @@ class StyleGANXLAdapter(nn.Module):
     Args:
         checkout: local StyleGAN-XL checkout (holds ``legacy.py``, ``dnnlib/``, ``torch_utils/``).
         pkl: local network pickle (e.g. ``imagenet256.pkl``).
-        quantize_uint8: repeat the reference's uint8 round trip of the images (``x * 127.5 + 128`` -> uint8).
+        quantize_uint8: repeat the reference's uint8 round trip of the images (its ``w_to_img``:
+            ``(x + 1) * 255/2``, clamped to [0, 255], truncated to uint8).
         device: where the network runs.
         num_classes, resolution: what the caller expects (checked against ``c_dim`` / ``img_resolution`` when
             not None).
     """
+
+    # the central part of an image the classifier sees (analysis.linking.crop: null): the reference's
+    # Resize(256) + CenterCrop(224) ImageNet view
+    classifier_crop = 224 / 256
 
     def __init__(self, checkout: str | Path | None, pkl: str | Path | None, quantize_uint8: bool = True,
                  device: str | torch.device = "cpu", num_classes: int | None = None, resolution: int | None = None):
@@ -143,8 +148,8 @@ class StyleGANXLAdapter(nn.Module):
         w = w.to(self.device, torch.float32)
         ws = w.unsqueeze(1).repeat(1, self.num_ws, 1) if w.dim() == 2 else w
         x = self.G.synthesis(ws, noise_mode="none", force_fp32=True).float()
-        if self.quantize_uint8:  # the reference saved uint8 images: (x * 127.5 + 128).clamp(0, 255).to(uint8)
-            return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).float() / 255
+        if self.quantize_uint8:  # the reference's w_to_img: ((x + 1) * 255/2).clamp(0, 255).to(uint8), truncating
+            return ((x + 1) * (255 / 2)).clamp(0, 255).to(torch.uint8).float() / 255
         return ((x + 1) / 2).clamp(0, 1)
 
     def extra_repr(self) -> str:

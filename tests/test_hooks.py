@@ -1,0 +1,106 @@
+"""Recorded activations never alias a tensor a later in-place module rewrites (issue 11, item 1).
+
+Each analysis that records activations runs on a model with ``nn.ReLU(inplace=True)`` right after the recorded
+layer and on its twin with out-of-place ReLUs: the results must be identical, and they must be the pre-ReLU
+values (negative entries present).
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from featurelens.analysis import chirality, dissection
+from featurelens.analysis import specialization as spec
+from featurelens.analysis.hooks import record_outputs, recorded
+from featurelens.callbacks import ClassFiltersCallback
+from featurelens.models.builders import MLP, SmallCNN
+
+
+def _out_of_place_twin(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    return twin
+
+
+def _has_inplace_relu(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
+
+
+def test_recorded_copies_only_what_would_alias():
+    t = torch.randn(4, 3, 2, 2)
+    same = recorded(t)
+    assert torch.equal(same, t) and same.data_ptr() != t.data_ptr()
+    assert recorded((t, "extra"), lambda z: z.float()).data_ptr() != t.data_ptr()  # .float() is a no-op here
+    mean = recorded(t, lambda z: z.mean((2, 3)))
+    assert torch.allclose(mean, t.mean((2, 3)))
+    with record_outputs({"lin": (lin := nn.Linear(3, 5))}) as out:
+        y = nn.Sequential(lin, nn.ReLU(inplace=True))(torch.randn(8, 3))
+    assert (out["lin"] < 0).any() and (y >= 0).all()
+    assert not lin._forward_hooks  # removed on exit
+
+
+def test_activation_graph_of_an_mlp_with_inplace_relu_holds_pre_relu_values():
+    torch.manual_seed(0)
+    mlp = MLP(20, [16, 16], num_classes=4).eval()
+    assert _has_inplace_relu(mlp)
+    data = [torch.randn(64, 20) for _ in range(2)]
+    got = spec.activation_graph(mlp, data, max_samples=128)
+    want = spec.activation_graph(_out_of_place_twin(mlp), data, max_samples=128)
+    assert (got.samples < 0).mean() > 0.2  # pre-ReLU: about half negative, none clipped to 0
+    np.testing.assert_array_equal(got.samples, want.samples)
+    np.testing.assert_array_equal(got.adjacency, want.adjacency)
+    with torch.no_grad():
+        np.testing.assert_allclose(got.samples[:64, :16], mlp.features[1](data[0]).numpy(), rtol=1e-6)
+
+
+def test_dissection_of_a_conv_followed_by_inplace_relu_thresholds_the_raw_maps():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 2, 1)).eval()
+    images = torch.randn(6, 3, 8, 8)
+    raw = net[0](images).detach()
+    for model in (net, _out_of_place_twin(net)):
+        masks = dissection.unit_masks(model, model[0], images, unit=1, threshold=0.0, mask_size=(8, 8))
+        assert torch.equal(masks, raw[:, 1] > 0)
+    # threshold below 0 keeps the negative pre-ReLU values apart from the zeros a rewritten record would hold
+    t = float(raw[:, 1].quantile(0.25))
+    assert t < 0
+    masks = dissection.unit_masks(net, net[0], images, unit=1, threshold=t, mask_size=(8, 8))
+    assert torch.equal(masks, raw[:, 1] > t)
+
+
+def test_class_filter_layer_features_are_pre_relu_means():
+    torch.manual_seed(0)
+    net = SmallCNN(3, [4, 6], num_classes=3, batch_norm=False).eval()
+    batches = [(torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1]))]
+    ctx = SimpleNamespace(datamodule=SimpleNamespace(loader=lambda ds, bs, shard: ds), device="cpu", shard=None)
+    cb = ClassFiltersCallback(psi_layers=["features.0"])
+    results = []
+    for model in (net, _out_of_place_twin(net)):
+        modules = {"__head__": model.classifier, "features.0": model.features[0]}
+        with torch.no_grad():
+            results.append([p["features.0"] for _, p, _ in cb._batches(model, ctx, batches, modules)])
+    with torch.no_grad():
+        want = net.features[0](batches[0][0]).mean((2, 3))
+    assert (want < 0).any()
+    torch.testing.assert_close(results[0][0], want)
+    torch.testing.assert_close(results[1][0], want)
+
+
+def test_feature_map_chirality_is_unchanged_by_an_inplace_relu_after_a_stage():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(8, 3, 6, 6)
+    net(x)
+    twin = _out_of_place_twin(net)
+    got = chirality.fmap_chirality(net, x, stages={"conv": net[0]})
+    want = chirality.fmap_chirality(twin, x, stages={"conv": twin[0]})
+    assert got.keys() == want.keys() and "fmap/conv" in got
+    for k in got:
+        assert got[k] == want[k], k
