@@ -240,6 +240,11 @@ SPEC_STATS = {  # cell statistic -> (record key under specialization/weights/, s
 }
 
 
+# weights: the graph the run partitions (fold_bn as configured); weights_unfolded: the raw-kernel graph's n-cut
+# (fold_bn=both); *_local: the [LS] per-layer partitions (local=true; sub-cluster statistics, no n-cut)
+SPEC_PARTITIONS = ("weights", "weights_unfolded", "activations", "weights_local", "activations_local")
+
+
 def specialization_frame(jobs: list[Path]) -> pd.DataFrame:
     """One row per job and analysed epoch, labelled ``init`` (epoch 0) or ``trained`` (the last epoch)."""
     rows = []
@@ -255,7 +260,7 @@ def specialization_frame(jobs: list[Path]) -> pd.DataFrame:
                    **{k.removeprefix(p): v for k, v in r.items() if k.startswith(p) and isinstance(v, int | float)}}
             table = out / f"subclusters_epoch{r['epoch']}.csv"
             sub = pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["part", "partition"])
-            for partition in ("weights", "activations"):
+            for partition in SPEC_PARTITIONS:
                 for stat, (_, part, col) in SPEC_STATS.items():
                     mine = sub[(sub.part == part) & (sub.partition == partition)]
                     cells = mine[col].dropna() if col in mine else pd.Series(dtype=float)
@@ -271,14 +276,22 @@ def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for (model, data, state), g in frame.groupby(["model", "data", "state"]):
-        for partition in ("weights", "activations"):
+        for partition in SPEC_PARTITIONS:
             w = partition + "/"
-            if w + "ncut" not in g or g[w + "ncut"].isna().all():
+            has_ncut = w + "ncut" in g and g[w + "ncut"].notna().any()
+            has_stats = any(w + key in g and g[w + key].notna().any() for key, _, _ in SPEC_STATS.values())
+            if not (has_ncut or has_stats):
                 continue
-            row = {"model": model, "data": data, "state": state, "partition": partition,
-                   "n_seeds": g.seed.nunique(), "ncut": _mean_sd(g[w + "ncut"])}
-            if partition == "weights":
+            folded = bool(g["fold_bn"].fillna(1).astype(bool).all()) if "fold_bn" in g else True
+            bn_folded = {"weights": folded, "weights_local": folded, "weights_unfolded": False}.get(partition, "n/a")
+            row = {"model": model, "data": data, "state": state, "partition": partition, "bn_folded": bn_folded,
+                   "n_seeds": g.seed.nunique()}
+            if has_ncut:
+                row["ncut"] = _mean_sd(g[w + "ncut"])
+            if w + "ncut_z" in g and g[w + "ncut_z"].notna().any():
                 row.update(ncut_z=g[w + "ncut_z"].mean(), ncut_percentile=g[w + "ncut_percentile"].mean())
+                if w + "ncut_z_seed_std" in g:
+                    row["ncut_z_seed_std"] = g[w + "ncut_z_seed_std"].mean()
             if "ari_weights_vs_activations" in g:
                 row["ari_w_vs_act"] = g["ari_weights_vs_activations"].mean()
             for stat, (key, _, _) in SPEC_STATS.items():
@@ -290,7 +303,11 @@ def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
     table = pd.DataFrame(rows)
     p_cols = [c for c in table.columns if c.endswith("/p")]
     lines = ["# Local specialization: weight and activation partitions at init and after training", "",
-             "n-cut against shuffled networks (percentile: share of shuffles below, 1/(n+1) = all above); for each",
+             "bn_folded: whether BN scales were folded into the weight graph (weights_unfolded: the raw kernels, "
+             "as the CIFAR reference; the z-score's sign can differ between the two, see the README).",
+             "n-cut against shuffled networks (activations: each unit's values permuted over the images), "
+             "percentile: share of shuffles below, 1/(n+1) = all above; ncut_z_seed_std: spread of z over "
+             "clustering seeds. For each",
              "statistic the Bates-combined Fisher p over seeds and the share of sub-clusters at the minimum",
              "percentile 0.05.", ""]
     if p_cols:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -220,3 +221,36 @@ def test_dataset_coherence_planted():
     assert summary["fisher_p"] == pytest.approx(float(ref.pvalue))
     skip_rows, _ = dataset_coherence(scores, targets, sets, seed=0, skip_first=True)
     assert skip_rows[0]["entropy"] == 0.0
+
+
+def test_lesion_target_weights_is_the_references_zeroed_conv_weights():
+    """target=weights zeroes the conv's own output (= its weights and bias): the BN after it then outputs the
+    constant beta - gamma mu / sigma, where target=output zeroes the BN output (issue 11)."""
+    net = _cnn().eval()
+    with torch.no_grad():
+        net[1].bias.fill_(2.0)  # beta > 0: a weight lesion leaves a constant, non-zero channel
+        net[1].running_mean.uniform_(-1, 1)
+    graph = spec.weight_graph(net)
+    data = _batches((3, 6, 6), n_batches=2)
+    labels = np.full(graph.n, -1)
+    labels[graph.layer_slice(0)] = np.arange(6) % 2
+    got = {t: importance(net, graph, labels, data, 5, seed=0, n_random=3, target=t)[0] for t in ("output", "weights")}
+    reference = copy.deepcopy(net)
+    units = torch.as_tensor(np.flatnonzero(labels[graph.layer_slice(0)] == 0))
+    with torch.no_grad():
+        reference[0].weight[units] = 0
+        reference[0].bias[units] = 0
+    totals = torch.bincount(torch.cat([y for _, y in data]), minlength=5)
+    correct = lesion_test_naive(reference, data, reference[1], [], 5)[0]
+    want = float((correct[totals > 0].double() / totals[totals > 0]).mean())  # m(S): mean per-class accuracy
+    rows = {t: next(r for r in got[t] if r["cluster"] == 0) for t in got}
+    assert rows["weights"]["acc_after"] == pytest.approx(want)
+    bn, x = net[1], data[0][0]
+    const = bn.bias - bn.weight * bn.running_mean / torch.sqrt(bn.running_var + bn.eps)
+    with torch.no_grad(), lesion_hook(net[0], units):
+        lesioned = net[1](net[0](x))
+    torch.testing.assert_close(lesioned[:, units], const[units].view(1, -1, 1, 1).expand_as(lesioned[:, units]))
+    assert (const[units].abs() > 0.5).all()  # not the 0 of target=output
+    assert graph.z_modules[0] == "1" and graph.layer_names[0] == "0"  # the BN output vs the conv output
+    with pytest.raises(ValueError, match="target"):
+        importance(net, graph, labels, data, 5, target="inputs")

@@ -147,6 +147,39 @@ def test_planted_modular_mlp_is_recovered_and_beats_its_shuffles():
     np.testing.assert_array_equal(spec.spectral_partition(a, 4, seed=3), spec.spectral_partition(a, 4, seed=3))
 
 
+def test_several_clustering_seeds_keep_the_lowest_ncut_and_report_the_spread():
+    g = spec.weight_graph(iid_mlp(0))
+    res = spec.clusterability(g, k=4, n_shuffles=3, seed=0, n_init=2, n_cluster_seeds=4)
+    one = spec.clusterability(g, k=4, n_shuffles=3, seed=0, n_init=2)
+    np.testing.assert_allclose(res["shuffled_ncuts"], one["shuffled_ncuts"])  # the shuffles are unchanged
+    assert res["ncut_seeds"][0] == pytest.approx(one["ncut"])  # child 0 is the single-seed clustering
+    children = np.random.SeedSequence(0).spawn(3 + 4)
+    by_hand = [spec.ncut(g.adjacency, spec.spectral_partition(g.adjacency, 4, spec._child_int(c), 2))
+               for c in (children[0], *children[4:])]
+    np.testing.assert_allclose(res["ncut_seeds"], by_hand)
+    assert res["ncut"] == min(by_hand) == pytest.approx(spec.ncut(g.adjacency, res["labels"]))
+    mean, std = one["ncut_shuffled_mean"], one["ncut_shuffled_std"]
+    assert res["ncut_seed_mean"] == pytest.approx(np.mean(by_hand)) and res["ncut_seed_std"] == pytest.approx(
+        np.std(by_hand))
+    assert res["ncut_z"] == pytest.approx((min(by_hand) - mean) / std)
+    assert res["ncut_z_seed_mean"] == pytest.approx((np.mean(by_hand) - mean) / std)
+
+
+def test_activation_clusterability_planted_groups_beat_column_shuffles():
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(300, 3))
+    samples = np.concatenate([latent[:, [g]] + 0.3 * rng.normal(size=(300, 6)) for g in range(3)], axis=1)
+    adjacency = spec.rank_correlation_squared(samples).numpy()
+    res = spec.activation_clusterability(adjacency, samples, k=3, n_shuffles=5, seed=0, n_init=3)
+    assert adjusted_rand_score(np.repeat(np.arange(3), 6), res["labels"]) == 1.0
+    assert res["ncut_percentile"] == pytest.approx(1 / 6) and res["ncut_z"] < -5
+    # independent units: the true graph is one more draw from the shuffle null
+    iid = rng.normal(size=(300, 18))
+    null = spec.activation_clusterability(spec.rank_correlation_squared(iid).numpy(), iid, k=3, n_shuffles=5,
+                                          seed=0, n_init=3)
+    assert abs(null["ncut_z"]) < 4
+
+
 def test_planted_ncut_rises_with_cross_module_weights():
     values = []
     for eps in (0.0, 0.02, 0.1, 0.4):

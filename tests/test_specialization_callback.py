@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY
@@ -81,7 +82,8 @@ def test_all_parts_run_on_a_checkpoint(cfg_factory):
                      "analysis.specialization.parts=[weights,activations,importance,coherence,visualisation]",
                      "analysis.specialization.coherence.min_size=2", "analysis.specialization.vis.steps=4",
                      "analysis.specialization.vis.relu_redirect_steps=2", "analysis.specialization.vis.n_random=3",
-                     "analysis.specialization.vis.max_sets=2", name="all", config_name="analyze")
+                     "analysis.specialization.vis.max_sets=2", "analysis.specialization.fold_bn=both",
+                     "analysis.specialization.local=true", name="all", config_name="analyze")
     record = analyze(an)["specialization"]
     p = "specialization/weights/"
     assert record[p + "importance/n_eligible"] >= 1
@@ -89,9 +91,38 @@ def test_all_parts_run_on_a_checkpoint(cfg_factory):
     assert record[p + "coherence/dataset/n_sets"] >= 1 and 0 < record[p + "coherence/dataset/fisher_p"] <= 1
     assert record[p + "coherence/vis_score/n_sets"] >= 1
     out = Path(an.paths.output_dir) / "analysis/specialization"
-    table = __import__("pandas").read_csv(out / "subclusters_epoch1.csv")
+    table = pd.read_csv(out / "subclusters_epoch1.csv")
     assert set(table.part) == {"importance", "coherence_dataset", "coherence_vis"}
-    assert set(table.partition) == {"weights", "activations"}
+    assert set(table.partition) == {"weights", "activations", "weights_local", "activations_local"}
+    # BN folding is reported, and with fold_bn=both the unfolded graph gets its own n-cut against shuffles
+    assert record["specialization/fold_bn"] == 1  # logged as a number
+    assert 0 <= record["specialization/weights_unfolded/ncut"] <= 4
+    assert len(record["specialization/weights_unfolded/shuffled_ncuts"]) == 4
+    # the activation n-cut has a shuffle baseline too, and both report the spread over clustering seeds
+    assert 0 < record["specialization/activations/ncut_percentile"] <= 1
+    assert record["specialization/weights/ncut"] <= record["specialization/weights/ncut_seed_mean"] + 1e-12
+    # local partitions: per layer at most as many clusters as the global partition has there
+    layer = pd.read_csv(out / "nodes.csv").layer.to_numpy()
+    glob, local = np.load(out / "labels_weights_epoch1.npy"), np.load(out / "labels_weights_local_epoch1.npy")
+    for i in np.unique(layer):
+        n_global = len(set(glob[layer == i].tolist()) - {-1})
+        assert min(n_global, 1) <= len(set(local[layer == i].tolist()) - {-1}) <= n_global  # k_l subgraph clusters
+    assert np.load(out / "labels_activations_local_epoch1.npy").max() >= 1
+    # lesions run on the test split (spec §2.6): the unlesioned accuracy is the test set's mean class accuracy
+    from featurelens.analyze import load_model
+    from featurelens.runtime import build
+
+    net, data_cfg, _, _ = load_model(an)
+    dm = build(data_cfg)
+    dm.setup("fit")
+    correct, total = torch.zeros(10), torch.zeros(10)
+    with torch.no_grad():
+        for x, y in dm.loader(dm.test_set):
+            pred = net.eval()(x).argmax(1)
+            correct += torch.bincount(y[pred == y], minlength=10)
+            total += torch.bincount(y, minlength=10)
+    test_acc = float((correct[total > 0] / total[total > 0]).mean())
+    assert table[table.part == "importance"].acc_before.unique() == pytest.approx([test_acc])
     assert 0 < record["specialization/activations/importance/fisher_p_mean"] <= 1
     assert ((table.p_mean.dropna() >= 0.05) & (table.p_mean.dropna() <= 1)).all()
     assert (out / "vis_grid_weights.png").is_file() and (out / "vis_grid_activations.png").is_file()

@@ -103,15 +103,18 @@ def test_specialization_sweep_builds_the_init_vs_trained_table(tmp_path):
             "analysis.specialization.parts=[weights,activations,importance,coherence]",
             "analysis.specialization.k=4", "analysis.specialization.n_shuffles=3",
             "analysis.specialization.act_samples=100", "analysis.specialization.coherence.min_size=2",
-            f"hydra.sweep.dir={tmp_path}/sweep"]
+            "analysis.specialization.local=true", f"hydra.sweep.dir={tmp_path}/sweep"]
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     table = _make_tables(tmp_path)
     assert table.returncode == 0, table.stderr
     csv = pd.read_csv(tmp_path / "tables/specialization.csv")
-    assert sorted(zip(csv.state, csv.partition, strict=True)) == [
-        ("init", "activations"), ("init", "weights"), ("trained", "activations"), ("trained", "weights")]
+    partitions = ["activations", "activations_local", "weights", "weights_local"]
+    assert sorted(zip(csv.state, csv.partition, strict=True)) == [(s, p) for s in ("init", "trained")
+                                                                   for p in partitions]
+    assert set(csv[csv.partition.str.startswith("weights")].bn_folded) == {True}  # the MLP has no BN to fold
+    assert csv[csv.partition == "activations"].ncut_percentile.between(0, 1).all()  # shuffle baseline
     assert (csv.n_seeds == 2).all()
     assert csv["importance_mean/p"].between(0, 1).all() and csv["coherence_dataset/p"].between(0, 1).all()
     assert "Benjamini" in (tmp_path / "tables/specialization.md").read_text()

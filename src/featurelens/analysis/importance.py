@@ -352,8 +352,13 @@ def _per_class_acc(counts: Tensor, totals: Tensor) -> np.ndarray:
 def importance(model: nn.Module, graph: WeightGraph, labels: Any, loader: Iterable[Any], num_classes: int, *,
                n_random: int = 19, min_size: int = 2, max_prop: float = 0.99, seed: int = 0,
                device: Any = None, skip_first_last: bool = False, max_images: int = 8192,
-               ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+               target: str = "output") -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Lesion importance of every eligible sub-cluster of a partition (§2.6).
+
+    ``target``: ``"output"`` (project default) zeroes the units' ``z`` (the BN output where BN follows the
+    layer; with ReLU the unit then outputs 0); ``"weights"`` zeroes the layer's own output, which equals the
+    reference's zeroing of the incoming weights and bias: a BN after it then outputs the constant
+    ``beta - gamma mu / sigma`` instead of 0. On layers without BN the two are the same.
 
     ``labels`` are the global node labels of ``graph`` (``-1`` = removed).  For each eligible layer
     (:func:`eligible_layers`) and cluster ``S`` (isolated units excluded) with ``eligible(|S|, n', min_size,
@@ -366,6 +371,8 @@ def importance(model: nn.Module, graph: WeightGraph, labels: Any, loader: Iterab
     acc_before, acc_after, mean_delta, p_mean, range, p_range, e_mean, e_range; summary is
     :func:`summarize_importance`.
     """
+    if target not in ("output", "weights"):
+        raise ValueError(f"lesion target must be 'output' or 'weights', got {target!r}")
     labels = np.asarray(labels)
     layers = eligible_layers(graph, skip_first_last)
     layer_seeds = np.random.SeedSequence(seed).spawn(len(graph.layer_sizes))
@@ -385,8 +392,8 @@ def importance(model: nn.Module, graph: WeightGraph, labels: Any, loader: Iterab
             gen = torch.Generator().manual_seed(seeds[c])
             sets.append(s)
             sets.extend(random_sets(cand, len(s), n_random, gen))
-        counts, totals = _lesion_counts(model, loader, graph.z_modules[layer], sets, num_classes, device,
-                                        max_images=max_images)
+        module = graph.z_modules[layer] if target == "output" else graph.layer_names[layer]
+        counts, totals = _lesion_counts(model, loader, module, sets, num_classes, device, max_images=max_images)
         acc = _per_class_acc(counts, totals)
         acc0 = acc[0]
         for i, (c, s) in enumerate(todo):

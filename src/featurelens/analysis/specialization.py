@@ -90,6 +90,7 @@ __all__ = [
     "rank_correlation_squared",
     "ActivationCorrelation",
     "ActivationGraph",
+    "activation_clusterability",
     "activation_graph",
     "mean_sem",
     "percentile_left",
@@ -638,7 +639,7 @@ def shuffle_graph(graph: WeightGraph, method: ShuffleMethod = "layer",
     return graph.with_blocks(shuffle_blocks(graph.blocks, method, rng))
 
 
-def _shuffle_ncut(graph: WeightGraph, child: np.random.SeedSequence, k: int, method: str,
+def _shuffle_ncut(child: np.random.SeedSequence, graph: WeightGraph, k: int, method: str,
                   n_init: int | None) -> float:
     from threadpoolctl import threadpool_limits
 
@@ -649,7 +650,7 @@ def _shuffle_ncut(graph: WeightGraph, child: np.random.SeedSequence, k: int, met
 
 def clusterability(model_or_graph: nn.Module | WeightGraph, k: int = 12, n_shuffles: int = 50, seed: int = 0,
                    *, shuffle_method: ShuffleMethod = "layer", n_init: int | None = None, n_jobs: int = 1,
-                   **graph_kwargs: Any) -> dict[str, Any]:
+                   n_cluster_seeds: int = 1, **graph_kwargs: Any) -> dict[str, Any]:
     """n-cut of the spectral partition against shuffled networks (spec §2.5, [CL]).
 
     Args:
@@ -661,6 +662,10 @@ def clusterability(model_or_graph: nn.Module | WeightGraph, k: int = 12, n_shuff
         shuffle_method: ``"layer"`` or ``"layer_nonzero"``.
         n_init: k-means restarts (default :func:`default_n_init`).
         n_jobs: joblib processes for the shuffles (BLAS threads limited to 1 in each).
+        n_cluster_seeds: clusterings of the true graph (child 0, then children ``1 + n_shuffles + i``); the one
+            with the lowest n-cut is kept (``labels``, ``ncut``, ``ncut_z``, ``seed``), and the spread over seeds
+            is reported (``ncut_seeds``, ``ncut_seed_mean``/``_std``, ``ncut_z_seed_mean``/``_std``; ddof 0).
+            One clustering seed can move z by about one shuffle std (issue 11); the shuffles are not repeated.
 
     Returns:
         dict with ``ncut``, ``ncut_shuffled_mean``, ``ncut_shuffled_std`` (ddof 0), ``ncut_z`` (NaN if the
@@ -669,26 +674,69 @@ def clusterability(model_or_graph: nn.Module | WeightGraph, k: int = 12, n_shuff
         ``seed`` (the true clustering's random_state) and ``shuffle_seeds``.
     """
     graph = model_or_graph if isinstance(model_or_graph, WeightGraph) else weight_graph(model_or_graph, **graph_kwargs)
-    children = np.random.SeedSequence(seed).spawn(1 + n_shuffles)
-    true_seed = _child_int(children[0])
-    labels = spectral_partition(graph.adjacency, k, true_seed, n_init)
-    value = ncut(graph.adjacency, labels)
+    return _against_shuffles(graph.adjacency, k, n_shuffles, seed, n_init, n_jobs, n_cluster_seeds,
+                             _shuffle_ncut, graph, k, shuffle_method, n_init)
+
+
+def _permuted_columns_ncut(child: np.random.SeedSequence, samples: np.ndarray, k: int, corr: Corr,
+                           n_init: int | None) -> float:
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(child)
+    shuffled = np.stack([rng.permutation(col) for col in samples.T], axis=1)
+    with threadpool_limits(1):
+        a = rank_correlation_squared(shuffled, corr).numpy()
+        return ncut(a, spectral_partition(a, k, _child_int(child), n_init))
+
+
+def activation_clusterability(adjacency: np.ndarray, samples: np.ndarray, k: int = 12, n_shuffles: int = 10,
+                              seed: int = 0, *, corr: Corr = "spearman", n_init: int | None = None,
+                              n_jobs: int = 1, n_cluster_seeds: int = 1) -> dict[str, Any]:
+    """n-cut of the activation graph's spectral partition against shuffled activations (project reading).
+
+    The shuffle baseline permutes each unit's column of the ``(N, U)`` ``samples`` independently over the
+    images: every unit keeps its distribution of values, co-activation is destroyed, and the r² graph of the
+    shuffled samples (same ``corr``) is clustered with the same ``k``. Seeds, best-of-``n_cluster_seeds`` and
+    the returned dict as in :func:`clusterability`.
+    """
+    samples = np.asarray(samples, dtype=np.float64)
+    return _against_shuffles(np.asarray(adjacency), k, n_shuffles, seed, n_init, n_jobs, n_cluster_seeds,
+                             _permuted_columns_ncut, samples, k, corr, n_init)
+
+
+def _against_shuffles(adjacency: Any, k: int, n_shuffles: int, seed: int, n_init: int | None, n_jobs: int,
+                      n_cluster_seeds: int, shuffled_ncut: Any, *args: Any) -> dict[str, Any]:
+    """The true partition(s) of ``adjacency`` against ``shuffled_ncut(child, *args)``, one per shuffle child."""
+    if n_cluster_seeds < 1:
+        raise ValueError(f"n_cluster_seeds must be >= 1, got {n_cluster_seeds}")
+    children = np.random.SeedSequence(seed).spawn(n_shuffles + n_cluster_seeds)
+    true_seeds = [_child_int(c) for c in (children[0], *children[1 + n_shuffles:])]
+    partitions = [spectral_partition(adjacency, k, s, n_init) for s in true_seeds]
+    values = np.asarray([ncut(adjacency, lab) for lab in partitions])
+    best = int(np.argmin(values))
+    labels, value, true_seed = partitions[best], float(values[best]), true_seeds[best]
+    children = children[:1 + n_shuffles]
     if n_jobs == 1 or n_shuffles <= 1:
-        shuffled = [_shuffle_ncut(graph, c, k, shuffle_method, n_init) for c in children[1:]]
+        shuffled = [shuffled_ncut(c, *args) for c in children[1:]]
     else:
         from joblib import Parallel, delayed
 
-        shuffled = Parallel(n_jobs=n_jobs)(delayed(_shuffle_ncut)(graph, c, k, shuffle_method, n_init)
-                                           for c in children[1:])
+        shuffled = Parallel(n_jobs=n_jobs)(delayed(shuffled_ncut)(c, *args) for c in children[1:])
     shuffled = np.asarray(shuffled, dtype=np.float64)
     mean = float(shuffled.mean()) if n_shuffles else math.nan
     std = float(shuffled.std(ddof=0)) if n_shuffles else math.nan
     kept = labels[labels >= 0]
+    z = (values - mean) / std if std > 0 else np.full(values.shape, math.nan)
     return {
         "ncut": value,
         "ncut_shuffled_mean": mean,
         "ncut_shuffled_std": std,
-        "ncut_z": (value - mean) / std if std > 0 else math.nan,
+        "ncut_z": float(z[best]),
+        "ncut_seeds": values,
+        "ncut_seed_mean": float(values.mean()),
+        "ncut_seed_std": float(values.std()),
+        "ncut_z_seed_mean": float(z.mean()),
+        "ncut_z_seed_std": float(z.std()),
         "ncut_percentile": percentile_left(value, shuffled),
         "ave_in_out": ave_in_out(value, k),
         "n_isolated": int((labels < 0).sum()),

@@ -48,10 +48,10 @@ class SpecializationCallback(AnalysisCallback):
 
     def __init__(self, every_n_epochs: int | None = None, parts: Sequence[str] = ("weights", "activations"),
                  k: int = 12, n_shuffles: int = 10, shuffle_method: str = "layer", conv_norm: str = "l1",
-                 fold_bn: bool = True, act_samples: int = 1000, corr: str = "spearman",
+                 fold_bn: bool | str = True, act_samples: int = 1000, corr: str = "spearman",
                  act_reduction: str = "mean_abs", seed: int = 0, lesion: dict[str, Any] | None = None,
                  coherence: dict[str, Any] | None = None, vis: dict[str, Any] | None = None,
-                 figures_every: int = 5):
+                 figures_every: int = 5, n_cluster_seeds: int = 3, local: bool = False):
         super().__init__(every_n_epochs or 10**9)
         bad = [p for p in parts if p not in PARTS]
         if bad or not parts:
@@ -59,13 +59,23 @@ class SpecializationCallback(AnalysisCallback):
         if k < 2 or n_shuffles < 0 or act_samples < 2:
             raise ConfigError(f"analysis.specialization: need k >= 2, n_shuffles >= 0, act_samples >= 2 "
                               f"(got k={k}, n_shuffles={n_shuffles}, act_samples={act_samples})")
+        if fold_bn not in (True, False, "both"):
+            raise ConfigError(f"analysis.specialization.fold_bn={fold_bn!r}: valid: [true, false, 'both']")
+        if n_cluster_seeds < 1:
+            raise ConfigError(f"analysis.specialization.n_cluster_seeds={n_cluster_seeds}: must be >= 1")
+        if (lesion or {}).get("target", "output") not in ("output", "weights"):
+            raise ConfigError(f"analysis.specialization.lesion.target={lesion['target']!r}: "
+                              "valid: ['output', 'weights']")
         if shuffle_method not in ("layer", "layer_nonzero"):
             raise ConfigError(f"analysis.specialization.shuffle_method={shuffle_method!r}: "
                               "valid: ['layer', 'layer_nonzero']")
         self.parts, self.k, self.n_shuffles, self.shuffle_method = tuple(parts), k, n_shuffles, shuffle_method
-        self.graph_kwargs = {"conv_norm": conv_norm, "fold_bn": fold_bn}
+        # fold_bn "both": the folded graph is the partition; the unfolded one gets its own n-cut vs shuffles
+        self.graph_kwargs = {"conv_norm": conv_norm, "fold_bn": fold_bn is not False}
+        self.also_unfolded = fold_bn == "both"
+        self.n_cluster_seeds, self.local = n_cluster_seeds, local
         self.act_samples, self.corr, self.act_reduction, self.seed = act_samples, corr, act_reduction, seed
-        self.lesion = {"n_random": 19, "min_size": 2, "max_prop": 0.99, **(lesion or {})}
+        self.lesion = {"n_random": 19, "min_size": 2, "max_prop": 0.99, "target": "output", **(lesion or {})}
         self.coherence = {"top_n": 10, "skip_first": False, "min_size": 5, "max_prop": 0.75, **(coherence or {})}
         self.vis = {"steps": 64, "lr": 0.05, "relu_redirect_steps": 16, "n_random": 19, "min_size": 3,
                     "max_prop": 0.99, "max_sets": 8, **(vis or {})}
@@ -85,6 +95,36 @@ class SpecializationCallback(AnalysisCallback):
         self._prev_labels[name] = labels
         return out
 
+    @staticmethod
+    def _shuffle_values(name: str, cl: dict[str, Any]) -> dict[str, Any]:
+        keys = ("ncut_shuffled_mean", "ncut_shuffled_std", "ncut_z", "ncut_percentile", "ncut_seed_mean",
+                "ncut_seed_std", "ncut_z_seed_mean", "ncut_z_seed_std")
+        return {**{f"{name}/{key}": cl[key] for key in keys}, f"{name}/shuffled_ncuts": cl["shuffled_ncuts"].tolist()}
+
+    @staticmethod
+    def _as_nodes(graph: spec.WeightGraph, act, act_labels: np.ndarray) -> np.ndarray:
+        """Activation-graph labels as labels of the weight graph's nodes (-1 where no unit is recorded)."""
+        out = np.full(graph.n, -1, dtype=np.int64)
+        out[np.concatenate([np.arange(graph.n)[graph.layer_slice(i)] for i in act.weight_layers])] = act_labels
+        return out
+
+    def _local_activations(self, act, act_labels: np.ndarray) -> np.ndarray:
+        """[LS] local activation partition (spec §2.4): each layer's own r² graph clustered into as many
+        clusters as the layer has global labels (one cluster when that is 1 or the layer is too small)."""
+        offsets = np.concatenate([[0], np.cumsum(act.layer_sizes)])
+        seeds = spec.seed_sequence_ints(self.seed, len(act.layer_sizes))
+        out = np.full(act_labels.shape, -1, dtype=np.int64)
+        for i in range(len(act.layer_sizes)):
+            sl = slice(offsets[i], offsets[i + 1])
+            block, own = act.adjacency[sl, sl], act_labels[sl]
+            n_live = int((block.sum(1) > 0).sum())
+            k_l = min(len(np.unique(own[own >= 0])), n_live - 1)
+            if k_l <= 1:
+                out[sl] = np.where(own >= 0, 0, -1)
+            else:
+                out[sl] = spec.spectral_partition(block, k_l, seeds[i])
+        return out
+
     def state_dict(self) -> dict[str, Any]:  # last partitions, for ari_prev_epoch after a resume
         return {**super().state_dict(), "prev_labels": {k: v.tolist() for k, v in self._prev_labels.items()}}
 
@@ -99,17 +139,25 @@ class SpecializationCallback(AnalysisCallback):
             raise ConfigError(f"specialization: cannot build the weight graph of {type(model).__name__}: {e}") from None
         if graph.n <= self.k:
             raise ConfigError(f"analysis.specialization.k={self.k} must be below the {graph.n} graph nodes")
-        values: dict[str, Any] = {"n_nodes": graph.n, "n_layers": len(graph.layer_sizes)}
+        values: dict[str, Any] = {"n_nodes": graph.n, "n_layers": len(graph.layer_sizes),
+                                  "fold_bn": self.graph_kwargs["fold_bn"]}
         self._write_nodes(graph)
-        cl = spec.clusterability(graph, self.k, self.n_shuffles, self.seed, shuffle_method=self.shuffle_method)
+        cl = spec.clusterability(graph, self.k, self.n_shuffles, self.seed, shuffle_method=self.shuffle_method,
+                                 n_cluster_seeds=self.n_cluster_seeds)
         labels = cl["labels"]
         values.update(self._partition_values("weights", graph.adjacency, labels))
-        values.update({f"weights/{key}": cl[key] for key in ("ncut_shuffled_mean", "ncut_shuffled_std", "ncut_z",
-                                                            "ncut_percentile")})
-        values["weights/shuffled_ncuts"] = cl["shuffled_ncuts"].tolist()
+        values.update(self._shuffle_values("weights", cl))
         values["weights/cluster_sizes"] = self._cluster_sizes(labels, graph.node_layer, len(graph.layer_sizes))
+        if self.also_unfolded and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            unfolded = spec.weight_graph(model, conv_norm=self.graph_kwargs["conv_norm"], fold_bn=False)
+            cl_raw = spec.clusterability(unfolded, self.k, self.n_shuffles, self.seed,
+                                         shuffle_method=self.shuffle_method, n_cluster_seeds=self.n_cluster_seeds)
+            values["weights_unfolded/ncut"] = cl_raw["ncut"]
+            values.update(self._shuffle_values("weights_unfolded", cl_raw))
         np.save(self.out_dir / f"labels_weights_epoch{ctx.epoch}.npy", labels.astype(np.int32))
         partitions = {"weights": labels}
+        if self.local:
+            partitions["weights_local"] = spec.local_partition(graph, labels, self.seed)
         needs_data = {"activations", "importance", "coherence", "visualisation"} & set(self.parts)
         if needs_data and ctx.datamodule is None:
             raise RuntimeError(f"specialization parts {sorted(needs_data)} need the data module")
@@ -118,17 +166,25 @@ class SpecializationCallback(AnalysisCallback):
             ctx.datamodule.setup("fit")
         if {"activations", "coherence"} & set(self.parts):
             act = self._activation_graph(model, graph, ctx)
-            act_labels = spec.spectral_partition(act.adjacency, self.k, self.seed)
+            act_cl = spec.activation_clusterability(act.adjacency, act.samples, self.k, self.n_shuffles, self.seed,
+                                                    corr=self.corr, n_cluster_seeds=self.n_cluster_seeds)
+            act_labels = act_cl["labels"]
             values.update(self._partition_values("activations", act.adjacency, act_labels))
+            values.update(self._shuffle_values("activations", act_cl))
             np.save(self.out_dir / f"labels_activations_epoch{ctx.epoch}.npy", act_labels.astype(np.int32))
             common = np.concatenate([labels[graph.layer_slice(i)] for i in act.weight_layers])
             keep = (common >= 0) & (act_labels >= 0)
             values["ari_weights_vs_activations"] = float(adjusted_rand_score(common[keep], act_labels[keep]))
             if "activations" in self.parts:  # the activation partition as labels of the weight graph's nodes
-                as_nodes = np.full(graph.n, -1, dtype=np.int64)
-                as_nodes[np.concatenate([np.arange(graph.n)[graph.layer_slice(i)] for i in act.weight_layers])] = \
-                    act_labels
-                partitions["activations"] = as_nodes
+                partitions["activations"] = self._as_nodes(graph, act, act_labels)
+                if self.local:
+                    partitions["activations_local"] = self._as_nodes(graph, act, self._local_activations(act,
+                                                                                                     act_labels))
+        for name, part_labels in partitions.items():
+            if name.endswith("_local"):
+                np.save(self.out_dir / f"labels_{name}_epoch{ctx.epoch}.npy", part_labels.astype(np.int32))
+                values[f"{name}/n_clusters"] = sum(len(set(part_labels[graph.layer_slice(i)].tolist()) - {-1})
+                                                   for i in range(len(graph.layer_sizes)))
         subclusters: list[dict[str, Any]] = []
         for name, part_labels in partitions.items():
             rows, summary = self._subcluster_statistics(model, graph, name, part_labels, act, ctx)
@@ -146,9 +202,9 @@ class SpecializationCallback(AnalysisCallback):
         summary: dict[str, Any] = {}
         if "importance" in self.parts:
             imp_rows, imp_summary = imp.importance(
-                model, graph, labels, ctx.datamodule.loader(ctx.datamodule.val_set), ctx.datamodule.num_classes,
+                model, graph, labels, ctx.datamodule.loader(ctx.datamodule.test_set), ctx.datamodule.num_classes,
                 n_random=self.lesion["n_random"], min_size=self.lesion["min_size"],
-                max_prop=self.lesion["max_prop"], seed=self.seed, device=ctx.device)
+                max_prop=self.lesion["max_prop"], seed=self.seed, device=ctx.device, target=self.lesion["target"])
             rows += [{"part": "importance", **r} for r in imp_rows]
             summary.update({f"importance/{k}": v for k, v in imp_summary.items()})
         if "coherence" in self.parts:
@@ -273,20 +329,22 @@ class SpecializationCallback(AnalysisCallback):
     # ------------------------------------------------------------------ reporting
     def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
         p = "specialization/"
-        shuffles = pd.DataFrame({"partition": "weights", "epoch": ctx.epoch,
-                                 "shuffle_id": range(len(record[p + "weights/shuffled_ncuts"])),
-                                 "ncut": record[p + "weights/shuffled_ncuts"]})
+        shuffles = pd.concat([pd.DataFrame({"partition": name, "epoch": ctx.epoch, "shuffle_id": range(len(ncuts)),
+                                            "ncut": ncuts})
+                              for name in ("weights", "weights_unfolded", "activations")
+                              if (ncuts := record.get(f"{p}{name}/shuffled_ncuts")) is not None])
         path = self.out_dir / "shuffles.csv"
         shuffles.to_csv(path, mode="a", header=not path.exists(), index=False)
+        bn = "BN folded" if self.graph_kwargs["fold_bn"] else "BN not folded"
         if not (ctx.epoch == 0 or ctx.epoch % self.figures_every == 0 or ctx.final):
             return
         sizes = np.asarray(record[p + "weights/cluster_sizes"])
         plots.heatmap(sizes, self.out_dir / "cluster_sizes.png", xlabel="cluster", ylabel="layer (forward order)",
-                      title=f"Weight-graph clusters: units per layer and cluster (k = {self.k})")
+                      title=f"Weight-graph clusters ({bn}): units per layer and cluster (k = {self.k})")
         if record[p + "weights/shuffled_ncuts"]:
             plots.histogram_with_marker(record[p + "weights/shuffled_ncuts"], record[p + "weights/ncut"],
                                         self.out_dir / "ncut_shuffles.png", xlabel="n-cut",
-                                        title=f"n-cut vs {self.n_shuffles} shuffled networks (line: trained)")
+                                        title=f"n-cut vs {self.n_shuffles} shuffled networks ({bn}; line: trained)")
         for key in ("cluster_sizes", "ncut_shuffles"):
             for lg in wandb_loggers(ctx.loggers):
                 if (self.out_dir / f"{key}.png").exists():
