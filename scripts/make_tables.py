@@ -3,7 +3,9 @@
     python scripts/make_tables.py outputs/multiruns/<date>/<time> [more sweep dirs] [--out outputs/tables]
 
 Each job directory of a sweep holds ``.hydra/config.yaml`` and ``analysis/<name>/results.jsonl``; jobs that
-failed (a ``FAILED`` file, or no results) are listed and left out. Writes, for feature chirality:
+failed (a ``FAILED`` file, or no results) are listed and left out. Every table groups its rows by model, data
+and every override that differs across the jobs (``.hydra/overrides.yaml``: e.g. ``init``, ``optimizer.lr``),
+so only seeds are averaged; each markdown table says what it grouped by. Writes, for feature chirality:
 ``chirality_init.{csv,md}`` (chirality at init and after training per model × init × flip augmentation,
 mean ± sd over seeds, with val accuracy and the ANOVA test of "the init does not matter", spec §7) and
 ``chirality_vs_epoch.png`` (C_model vs epoch, one line per init, one panel per model).
@@ -57,6 +59,41 @@ def failure(job: Path) -> str:
     return f"{'diverged' if reason.startswith(('DivergedError', 'NonFiniteLossError')) else 'failed'} ({reason})"
 
 
+# never a setting: the seed is what the tables average over; the rest names where and how a job logged
+NOT_SETTINGS = ("seed", "paths.", "logger", "callbacks.", "ckpt_path", "tags", "test", "hydra.")
+CHOICE_COLUMNS = ("model", "data")  # model= and data= are the tables' own model and data columns
+
+
+def _overrides(job: Path) -> dict[str, str]:
+    """The job's command-line and sweep overrides (``.hydra/overrides.yaml``) as key -> value."""
+    path = job / ".hydra" / "overrides.yaml"
+    items = OmegaConf.to_container(OmegaConf.load(path)) if path.exists() else []
+    pairs = (item.lstrip("+~").split("=", 1) for item in items if "=" in item)
+    return {key: value for key, value in pairs}
+
+
+class Settings:
+    """The overrides that differ across the jobs (the swept settings), per job. The seed is never a setting
+    (the tables average over it), nor are the model and data choices (their own columns; ``model.channels``
+    and the like are settings). A table groups by its own columns plus ``setting``, the text of the swept
+    settings it does not show itself."""
+
+    def __init__(self, jobs: list[Path]):
+        self.given = {job: _overrides(job) for job in jobs}
+        keys = sorted({k for o in self.given.values() for k in o})
+        self.swept = [k for k in keys if k not in CHOICE_COLUMNS and not k.startswith(NOT_SETTINGS)
+                      and len({o.get(k) for o in self.given.values()}) > 1]
+
+    def of(self, job: Path, shown: tuple[str, ...] = ()) -> str:
+        return ", ".join(f"{k}={self.given[job].get(k, '–')}" for k in self.swept if k not in shown)
+
+    def line(self, columns: list[str], shown: tuple[str, ...] = ()) -> str:
+        """The markdown line that says what a table's rows are grouped by."""
+        rest = [k for k in self.swept if k not in shown]
+        setting = f" and the swept setting ({', '.join(rest)})" if rest else ""
+        return f"Rows grouped by {', '.join(columns)}{setting}; seeds averaged."
+
+
 def analysed_jobs(jobs: list[Path], name: str) -> Iterator[tuple[Path, DictConfig, list[dict]]]:
     """(job dir, its composed config, its records) for each job with records of analysis ``name``."""
     for job in jobs:
@@ -66,7 +103,10 @@ def analysed_jobs(jobs: list[Path], name: str) -> Iterator[tuple[Path, DictConfi
             yield job, OmegaConf.load(job / ".hydra" / "config.yaml"), records
 
 
-def chirality_frame(jobs: list[Path]) -> pd.DataFrame:
+CHIRALITY_SHOWN = ("init", "data.flip_aug")  # the chirality table's own init and flip_aug columns
+
+
+def chirality_frame(jobs: list[Path], settings: Settings) -> pd.DataFrame:
     """One row per job and analysed epoch."""
     rows = []
     for job, cfg, records in analysed_jobs(jobs, "chirality"):
@@ -74,11 +114,17 @@ def chirality_frame(jobs: list[Path]) -> pd.DataFrame:
             if r.get("chirality/model") is None:
                 continue
             rows.append({"job": job.name, "model": cfg.model.arch, "init": cfg.init.method, "seed": cfg.seed,
-                         "flip_aug": bool(cfg.data.get("flip_aug")), "epoch": r["epoch"],
+                         "flip_aug": bool(cfg.data.get("flip_aug")), "setting": settings.of(job, CHIRALITY_SHOWN),
+                         "epoch": r["epoch"],
                          "C": r["chirality/model"], "C_pooled": r.get("chirality/model_pooled"),
                          "C_norm": r.get("chirality/model_norm"), "C_paramw": r.get("chirality/model_paramw"),
                          "val_acc": r.get("val/acc")})
     return pd.DataFrame(rows)
+
+
+def _without_empty_setting(table: pd.DataFrame) -> pd.DataFrame:
+    """Drop the ``setting`` column when nothing but the tables' own columns was swept."""
+    return table.drop(columns="setting") if "setting" in table and (table["setting"] == "").all() else table
 
 
 def _mean_sd(s: pd.Series, fmt: str = ".4f") -> str:
@@ -122,8 +168,8 @@ def init_anova(final: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def chirality_tables(frame: pd.DataFrame, out: Path, name: str = "chirality_init") -> list[Path]:
-    keys = ["model", "init", "flip_aug"]
+def chirality_tables(frame: pd.DataFrame, settings: Settings, out: Path, name: str = "chirality_init") -> list[Path]:
+    keys = ["model", "init", "flip_aug", "setting"]
     first = frame[frame.epoch == 0]
     last = frame.loc[frame.groupby("job").epoch.idxmax()]
     rows = []
@@ -141,9 +187,12 @@ def chirality_tables(frame: pd.DataFrame, out: Path, name: str = "chirality_init
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{name}.csv", out / f"{name}.md"]
+    table = _without_empty_setting(table)
     table.drop(columns=["C_init", "C_final", "val_acc"]).to_csv(written[0], index=False)
+    shown = [k for k in keys if k in table]
     md = ["# Feature chirality at init and after training (mean ± sd over seeds)", "",
-          table[[*keys, "n_seeds", "epochs", "C_init", "C_final", "C_pooled_final", "C_norm_final", "val_acc"]]
+          settings.line(["model", "init", "flip_aug"], CHIRALITY_SHOWN), "",
+          table[[*shown, "n_seeds", "epochs", "C_init", "C_final", "C_pooled_final", "C_norm_final", "val_acc"]]
           .to_markdown(index=False, floatfmt=".4f")]
     anova = init_anova(last)
     if not anova.empty:
@@ -160,15 +209,16 @@ def chirality_figure(frame: pd.DataFrame, path: Path) -> Path:
     """C_model vs epoch, mean ± sd over seeds, one line per init; models side by side in one figure each."""
     series, bands = {}, {}
     epochs = sorted(frame.epoch.unique())
-    for (model, init), g in frame.groupby(["model", "init"]):
+    for (model, init, setting), g in frame.groupby(["model", "init", "setting"]):
         stats = g.groupby("epoch")["C"].agg(["mean", "std"]).reindex(epochs)
         label = f"{model} / {init}" if frame.model.nunique() > 1 else init
+        label += f" ({setting})" if setting else ""
         series[label], bands[label] = stats["mean"].to_numpy(), stats["std"].fillna(0).to_numpy()
     return plots.line_plot(epochs, series, path, xlabel="epoch", ylabel="C_model (kernel chirality)",
                            title="Feature chirality during training, one line per init", bands=bands)
 
 
-def class_filters_frame(jobs: list[Path]) -> pd.DataFrame:
+def class_filters_frame(jobs: list[Path], settings: Settings) -> pd.DataFrame:
     """One row per job: the final epoch's class-filter values, with model, depth and seed."""
     rows = []
     p = "class_filters/"
@@ -176,48 +226,56 @@ def class_filters_frame(jobs: list[Path]) -> pd.DataFrame:
         last = records[-1]
         channels = cfg.model.get("channels")
         model = cfg.model.arch + (f"[{len(channels)} conv]" if channels is not None else "")
-        rows.append({"job": job.name, "model": model, "seed": cfg.seed, "epoch": last["epoch"],
-                     **{k.removeprefix(p): v for k, v in last.items()
+        rows.append({"job": job.name, "model": model, "setting": settings.of(job), "seed": cfg.seed,
+                     "epoch": last["epoch"], **{k.removeprefix(p): v for k, v in last.items()
                         if k.startswith(p) and isinstance(v, int | float)}})
     return pd.DataFrame(rows)
 
 
-def class_filters_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
+def class_filters_tables(frame: pd.DataFrame, settings: Settings, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     k_cols = sorted((c for c in frame.columns if c.startswith("k") and c.endswith("/acc_decomposed")),
                     key=lambda c: int(c.split("/")[0][1:]))
     rows = []
-    for model, g in frame.groupby("model"):
+    for (model, setting), g in frame.groupby(["model", "setting"]):
         for col in k_cols:
             if g[col].notna().any():
-                rows.append({"model": model, "D": int(g["dim"].iloc[0]), "k": int(col.split("/")[0][1:]),
+                rows.append({"model": model, "setting": setting, "D": int(g["dim"].iloc[0]),
+                             "k": int(col.split("/")[0][1:]),
                              "n_seeds": g.seed.nunique(), "acc_full": _mean_sd(g["acc_full"]),
                              "acc_decomposed": _mean_sd(g[col]),
                              "acc_decomposed_mean": g[col].mean(), "acc_full_mean": g["acc_full"].mean()})
     k_table = pd.DataFrame(rows)
     default_cols = ["k", "union", "overlap_mean", "jaccard_mean", "mi_incl_self", "mi_excl_self", "mac_reduction",
                     "mass_topk", "noise/acc_at_S", "noise/acc_at_rest", "stability"]
-    at_default = frame.groupby("model")[[c for c in default_cols if c in frame]].mean().reset_index()
+    groups = ["model", "setting"]
+    at_default = _without_empty_setting(frame.groupby(groups)[[c for c in default_cols if c in frame]].mean()
+                                        .reset_index())
+    series = {f"{m} ({st})" if st else m: g.sort_values("k")["acc_decomposed_mean"].to_numpy()
+              for (m, st), g in k_table.groupby(groups)}
+    xs = sorted(k_table.k.unique())
+    same_ks = k_table.groupby(groups).k.apply(list).map(lambda ks: ks == xs).all()
+    k_table = _without_empty_setting(k_table)
+    shown = [c for c in ("model", "setting") if c in k_table]
     k_table.drop(columns=["acc_full", "acc_decomposed"]).to_csv(out / "class_filters_k.csv", index=False)
     (out / "class_filters_k.md").write_text("\n".join([
         "# Decomposed final layer: accuracy per k (mean ± sd over seeds; no retraining)", "",
-        k_table[["model", "D", "k", "n_seeds", "acc_full", "acc_decomposed"]].to_markdown(index=False), "",
+        settings.line(["model"]), "",
+        k_table[[*shown, "D", "k", "n_seeds", "acc_full", "acc_decomposed"]].to_markdown(index=False), "",
         "## Sets at the default k (means over seeds)", "",
         at_default.to_markdown(index=False, floatfmt=".4g"), ""]))
     written += [out / "class_filters_k.csv", out / "class_filters_k.md"]
-    series = {m: g.sort_values("k")["acc_decomposed_mean"].to_numpy() for m, g in k_table.groupby("model")}
-    xs = sorted(k_table.k.unique())
-    if len(series) == 1 or k_table.groupby("model").k.apply(list).map(lambda ks: ks == xs).all():
+    if len(series) == 1 or same_ks:
         written.append(plots.line_plot(xs, series, out / "class_filters_acc_vs_k.png", xlabel="k (features per class)",
                                        ylabel="accuracy, decomposed head", title="Decomposed head vs k"))
 
     depth_cols = ["dim", "depth", "features_per_class", "set_size_mean", "psi/penultimate", "acc_full",
                   "acc_decomposed", "union", "overlap_mean"]
-    depth = frame.groupby("model")[[c for c in depth_cols if c in frame]].mean().reset_index()
+    depth = _without_empty_setting(frame.groupby(groups)[[c for c in depth_cols if c in frame]].mean().reset_index())
     depth["features_per_class_over_D"] = depth["features_per_class"] / depth["dim"]
     depth = depth.sort_values("depth")
-    lines = ["# Features per class against depth (final epoch, mean over seeds)", "",
+    lines = ["# Features per class against depth (final epoch, mean over seeds)", "", settings.line(["model"]), "",
              depth.to_markdown(index=False, floatfmt=".4g"), ""]
     if depth["depth"].nunique() >= 3:
         for col, reading in (("features_per_class", "absolute count K(0.5)"),
@@ -245,7 +303,7 @@ SPEC_STATS = {  # cell statistic -> (record key under specialization/weights/, s
 SPEC_PARTITIONS = ("weights", "weights_unfolded", "activations", "weights_local", "activations_local")
 
 
-def specialization_frame(jobs: list[Path]) -> pd.DataFrame:
+def specialization_frame(jobs: list[Path], settings: Settings) -> pd.DataFrame:
     """One row per job and analysed epoch, labelled ``init`` (epoch 0) or ``trained`` (the last epoch)."""
     rows = []
     p = "specialization/"
@@ -255,8 +313,8 @@ def specialization_frame(jobs: list[Path]) -> pd.DataFrame:
         for r in records:
             if r["epoch"] not in (0, last):
                 continue
-            row = {"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "seed": cfg.seed,
-                   "state": "init" if r["epoch"] == 0 else "trained",
+            row = {"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "setting": settings.of(job),
+                   "seed": cfg.seed, "state": "init" if r["epoch"] == 0 else "trained",
                    **{k.removeprefix(p): v for k, v in r.items() if k.startswith(p) and isinstance(v, int | float)}}
             table = out / f"subclusters_epoch{r['epoch']}.csv"
             sub = pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["part", "partition"])
@@ -270,12 +328,12 @@ def specialization_frame(jobs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
+def specialization_tables(frame: pd.DataFrame, settings: Settings, out: Path) -> list[Path]:
     from featurelens.analysis.specialization import bates_cdf, benjamini_hochberg
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for (model, data, state), g in frame.groupby(["model", "data", "state"]):
+    for (model, data, setting, state), g in frame.groupby(["model", "data", "setting", "state"]):
         for partition in SPEC_PARTITIONS:
             w = partition + "/"
             has_ncut = w + "ncut" in g and g[w + "ncut"].notna().any()
@@ -284,7 +342,8 @@ def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
                 continue
             folded = bool(g["fold_bn"].fillna(1).astype(bool).all()) if "fold_bn" in g else True
             bn_folded = {"weights": folded, "weights_local": folded, "weights_unfolded": False}.get(partition, "n/a")
-            row = {"model": model, "data": data, "state": state, "partition": partition, "bn_folded": bn_folded,
+            row = {"model": model, "data": data, "setting": setting, "state": state, "partition": partition,
+                   "bn_folded": bn_folded,
                    "n_seeds": g.seed.nunique()}
             if has_ncut:
                 row["ncut"] = _mean_sd(g[w + "ncut"])
@@ -300,7 +359,7 @@ def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
                     row[f"{stat}/p"] = bates_cdf(pbar, int(g[w + key].notna().sum()))
                     row[f"{stat}/frac_significant"] = g[f"{w}{stat}/frac_significant"].mean()
             rows.append(row)
-    table = pd.DataFrame(rows)
+    table = _without_empty_setting(pd.DataFrame(rows))
     p_cols = [c for c in table.columns if c.endswith("/p")]
     lines = ["# Local specialization: weight and activation partitions at init and after training", "",
              "bn_folded: whether BN scales were folded into the weight graph (weights_unfolded: the raw kernels, "
@@ -309,7 +368,7 @@ def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
              "percentile: share of shuffles below, 1/(n+1) = all above; ncut_z_seed_std: spread of z over "
              "clustering seeds. For each",
              "statistic the Bates-combined Fisher p over seeds and the share of sub-clusters at the minimum",
-             "percentile 0.05.", ""]
+             "percentile 0.05.", "", settings.line(["model", "data", "state", "partition"]), ""]
     if p_cols:
         flat = table[p_cols].to_numpy().ravel()
         finite = flat[np.isfinite(flat)]
@@ -326,7 +385,7 @@ def specialization_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
 DISSECTION_CATS = ("object", "part", "scene", "material", "texture", "color")
 
 
-def dissection_frame(jobs: list[Path]) -> pd.DataFrame:
+def dissection_frame(jobs: list[Path], settings: Settings) -> pd.DataFrame:
     """One row per job, analysed epoch and dissected layer (the primary layer carries the baselines)."""
     rows = []
     p = "dissection/"
@@ -337,8 +396,9 @@ def dissection_frame(jobs: list[Path]) -> pd.DataFrame:
                       and not k.startswith(p + "random_init/")]
             for i, layer in enumerate(layers):
                 q = f"{p}{layer}/"
-                row = {"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "seed": cfg.seed,
-                       "epoch": r["epoch"], "layer": layer, "primary": i == 0,
+                row = {"job": job.name, "model": cfg.model.arch, "data": cfg.data.name,
+                       "setting": settings.of(job), "seed": cfg.seed, "epoch": r["epoch"], "layer": layer,
+                       "primary": i == 0,
                        "unique_A": r[q + "unique_detectors"], "unique_B": r[q + "unique_detectors_percat"],
                        "detectors": r[q + "detectors"], "mean_score": r[q + "mean_score"],
                        **{f"B/{c}": r.get(f"{q}unique/{c}") for c in DISSECTION_CATS}}
@@ -351,13 +411,13 @@ def dissection_frame(jobs: list[Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def dissection_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
+def dissection_tables(frame: pd.DataFrame, settings: Settings, out: Path) -> list[Path]:
     """Detectors per layer at the last epoch (with baselines), unique detectors per epoch, and its figure."""
     out.mkdir(parents=True, exist_ok=True)
     last = frame[frame.epoch == frame.groupby("job").epoch.transform("max")]
     rows = []
-    for (model, data, layer), g in last.groupby(["model", "data", "layer"], sort=False):
-        row = {"model": model, "data": data, "layer": layer, "n_seeds": g.seed.nunique(),
+    for (model, data, setting, layer), g in last.groupby(["model", "data", "setting", "layer"], sort=False):
+        row = {"model": model, "data": data, "setting": setting, "layer": layer, "n_seeds": g.seed.nunique(),
                "detectors": _mean_sd(g.detectors, ".1f"), "unique_A": _mean_sd(g.unique_A, ".1f"),
                "unique_B": _mean_sd(g.unique_B, ".1f"), **{f"B/{c}": g[f"B/{c}"].mean() for c in DISSECTION_CATS}}
         baselines = [c for c in g.columns if c.startswith(("random_init", "alpha_"))]
@@ -366,21 +426,23 @@ def dissection_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
             if g[col].notna().any():
                 row[col] = g[col].mean()
         rows.append(row)
-    layers = pd.DataFrame(rows)
-    epochs = (frame.groupby(["model", "data", "layer", "epoch"], sort=False)[["unique_A", "unique_B", "detectors"]]
-              .mean().reset_index())
+    layers = _without_empty_setting(pd.DataFrame(rows))
+    epochs = (frame.groupby(["model", "data", "setting", "layer", "epoch"], sort=False)[
+        ["unique_A", "unique_B", "detectors"]].mean().reset_index())
     header = ["# Network dissection: interpretable units per layer (last epoch)", "",
               "IoU > 0.04, `denominator: paper`, all six categories; unique_A = distinct top labels (the paper's",
               "count), unique_B = per-category distinct labels (the released plotting code); B/<cat> per category.",
-              "random_init and alpha_<a> (random rotation, mean over seeds) are method A on the primary layer.", ""]
+              "random_init and alpha_<a> (random rotation, mean over seeds) are method A on the primary layer.", "",
+              settings.line(["model", "data", "layer"]), "", ""]
     layers.to_csv(out / "dissection_layers.csv", index=False)
     (out / "dissection_layers.md").write_text("\n".join(header) + layers.to_markdown(index=False, floatfmt=".3g")
                                               + "\n")
     epochs.to_csv(out / "dissection_epochs.csv", index=False)
     (out / "dissection_epochs.md").write_text("# Network dissection: unique detectors per epoch (mean over seeds)\n\n"
                                              + epochs.to_markdown(index=False, floatfmt=".3g") + "\n")
-    series = {f"{m} {lay} ({d})": g.sort_values("epoch").unique_A.tolist()
-              for (m, d, lay), g in epochs.groupby(["model", "data", "layer"], sort=False)}
+    series = {f"{m} {lay} ({d}{', ' + st if st else ''})": g.sort_values("epoch").unique_A.tolist()
+              for (m, d, st, lay), g in epochs.groupby(["model", "data", "setting", "layer"], sort=False)}
+    epochs = _without_empty_setting(epochs)
     plots.line_plot(sorted(epochs.epoch.unique()), series, out / "dissection_vs_epoch.png", xlabel="epoch",
                     ylabel="unique detectors (method A)", title="Interpretable units during training")
     return [out / "dissection_layers.csv", out / "dissection_layers.md", out / "dissection_epochs.csv",
@@ -391,14 +453,15 @@ LINKING_KEYS = ("keep_rate", "n_pairs", "r2_heldout", "r2_pooled", "cycle_top1",
                 "units/fidelity_rate", "units/n_selective", "cf/success_rate", "cf/steps_median")
 
 
-def linking_frame(jobs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def linking_frame(jobs: list[Path], settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The last analysed epoch of every job, and its selective units (one row per unit, part and measure)."""
     rows, selective = [], []
     for job, cfg, records in analysed_jobs(jobs, "linking"):
         out = job / "analysis" / "linking"
         r = records[-1]
         head = cfg.analysis.linking.head_module or "last Linear"
-        rows.append({"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "layer": f"input of {head}",
+        rows.append({"job": job.name, "model": cfg.model.arch, "data": cfg.data.name, "setting": settings.of(job),
+                     "layer": f"input of {head}",
                      "seed": cfg.seed, "epoch": r["epoch"], **{k: r.get(f"linking/{k}") for k in LINKING_KEYS}})
         if (out / "selective_units.csv").exists() and (out / "selective_units.csv").stat().st_size > 1:
             sel = pd.read_csv(out / "selective_units.csv")
@@ -407,17 +470,18 @@ def linking_frame(jobs: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return pd.DataFrame(rows), pd.DataFrame(selective)
 
 
-def linking_tables(frame: pd.DataFrame, selective: pd.DataFrame, out: Path) -> list[Path]:
+def linking_tables(frame: pd.DataFrame, selective: pd.DataFrame, settings: Settings, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for (model, data, layer), g in frame.groupby(["model", "data", "layer"], sort=False):
-        rows.append({"model": model, "data": data, "layer": layer, "n_seeds": g.seed.nunique(),
+    for (model, data, setting, layer), g in frame.groupby(["model", "data", "setting", "layer"], sort=False):
+        rows.append({"model": model, "data": data, "setting": setting, "layer": layer, "n_seeds": g.seed.nunique(),
                      **{k: _mean_sd(g[k].astype(float)) for k in LINKING_KEYS}})
-    table = pd.DataFrame(rows)
+    table = _without_empty_setting(pd.DataFrame(rows))
     table.to_csv(out / "linking.csv", index=False)
     lines = ["# Linking classifier features to a generator (last analysed epoch, mean ± sd over seeds)", "",
              "R² is on held-out pairs that passed the keep filter; cycle_top1: argmax E(G(L(E(x)))) = argmax E(x);",
              "cf: counterfactual success rate and median steps over the ordered class pairs.", "",
+             settings.line(["model", "data", "layer"]), "",
              table.to_markdown(index=False)]
     written = [out / "linking.csv"]
     if not selective.empty:
@@ -443,22 +507,24 @@ def main(argv: list[str] | None = None) -> int:
     jobs, failed = find_jobs(args.sweeps)
     for job in failed:
         print(f"skipping {failure(job)} job {job}", file=sys.stderr)
+    settings = Settings(jobs)
+    print(f"rows grouped by model, data and the swept settings {settings.swept or '(none)'}; seeds averaged")
     written = []
-    frame = chirality_frame(jobs)
+    frame = chirality_frame(jobs, settings)
     if not frame.empty:
-        written += chirality_tables(frame, args.out, args.name)
-    cf_frame = class_filters_frame(jobs)
+        written += chirality_tables(frame, settings, args.out, args.name)
+    cf_frame = class_filters_frame(jobs, settings)
     if not cf_frame.empty:
-        written += class_filters_tables(cf_frame, args.out)
-    spec_frame = specialization_frame(jobs)
+        written += class_filters_tables(cf_frame, settings, args.out)
+    spec_frame = specialization_frame(jobs, settings)
     if not spec_frame.empty:
-        written += specialization_tables(spec_frame, args.out)
-    nd_frame = dissection_frame(jobs)
+        written += specialization_tables(spec_frame, settings, args.out)
+    nd_frame = dissection_frame(jobs, settings)
     if not nd_frame.empty:
-        written += dissection_tables(nd_frame, args.out)
-    lk_frame, lk_selective = linking_frame(jobs)
+        written += dissection_tables(nd_frame, settings, args.out)
+    lk_frame, lk_selective = linking_frame(jobs, settings)
     if not lk_frame.empty:
-        written += linking_tables(lk_frame, lk_selective, args.out)
+        written += linking_tables(lk_frame, lk_selective, settings, args.out)
     if not written:
         print(f"make_tables: error: no analysis results in {len(jobs)} finished jobs", file=sys.stderr)
         return 1

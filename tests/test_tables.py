@@ -1,0 +1,91 @@
+"""scripts/make_tables.py on hand-made job directories: rows are grouped by every swept setting (issue 12 item 4)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("make_tables", ROOT / "scripts/make_tables.py")
+make_tables = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(make_tables)
+
+
+def _job(root: Path, name: str, model: str, init: str, seed: int, acc: float, extra: tuple[str, ...] = ()) -> Path:
+    """A finished job: composed config, overrides, metrics and one class-filters and chirality record."""
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    method = {"kaiming": "kaiming_normal", "xavier": "xavier_normal"}[init]
+    config = {"seed": seed, "model": {"arch": model}, "init": {"method": method},
+              "data": {"name": "shapes", "flip_aug": True}}
+    (job / ".hydra/config.yaml").write_text(yaml.safe_dump(config))
+    overrides = [f"model={model}", f"init={init}", f"seed={seed}", "logger=csv", *extra]
+    (job / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / "metrics.json").write_text("{}")
+    p = "class_filters/"
+    records = {"class_filters": {"epoch": 3, p + "dim": 8, p + "acc_full": acc, p + "k5/acc_decomposed": acc / 2,
+                                 p + "k8/acc_decomposed": acc, p + "depth": 5, p + "features_per_class": 2.0,
+                                 p + "set_size_mean": 3.0, p + "union": 8},
+               "chirality": {"epoch": 3, "chirality/model": 0.5 + acc / 10, "val/acc": acc}}
+    for analysis, record in records.items():
+        (job / f"analysis/{analysis}").mkdir(parents=True)
+        (job / f"analysis/{analysis}/results.jsonl").write_text(json.dumps(record) + "\n")
+    return job
+
+
+@pytest.fixture
+def grid(tmp_path) -> Path:
+    """2 models x 2 inits x 2 seeds, one job per cell and seed, with accuracies known in advance."""
+    sweep = tmp_path / "sweep"
+    i = 0
+    for model in ("vgg16", "resnet50"):
+        for init, acc in (("kaiming", 0.8), ("xavier", 0.4)):
+            for seed in (0, 1):
+                _job(sweep, str(i), model, init, seed, acc + 0.01 * seed)
+                i += 1
+    return sweep
+
+
+def test_the_settings_are_the_overrides_that_differ_except_seed_model_and_data(grid):
+    jobs, failed = make_tables.find_jobs([grid])
+    settings = make_tables.Settings(jobs)
+    assert not failed and settings.swept == ["init"]  # logger=csv is the same everywhere; seed is averaged
+    assert {settings.of(j) for j in jobs} == {"init=kaiming", "init=xavier"}
+    assert settings.of(jobs[0], shown=("init",)) == ""
+
+
+def test_a_2_init_x_2_model_grid_keeps_the_inits_apart(grid, tmp_path):
+    out = tmp_path / "tables"
+    assert make_tables.main([str(grid), "--out", str(out)]) == 0
+    k = pd.read_csv(out / "class_filters_k.csv")
+    k5 = k[k.k == 5].sort_values(["model", "setting"])
+    assert list(zip(k5.model, k5.setting, strict=True)) == [("resnet50", "init=kaiming"), ("resnet50", "init=xavier"),
+                                                            ("vgg16", "init=kaiming"), ("vgg16", "init=xavier")]
+    assert (k5.n_seeds == 2).all()  # each cell averages its own two seeds, not the other init's
+    assert k5.acc_full_mean.tolist() == pytest.approx([0.805, 0.405, 0.805, 0.405])
+    assert k5.acc_decomposed_mean.tolist() == pytest.approx([0.4025, 0.2025, 0.4025, 0.2025])
+    md = (out / "class_filters_k.md").read_text()
+    assert "Rows grouped by model and the swept setting (init); seeds averaged." in md
+    chir = pd.read_csv(out / "chirality_init.csv")  # init is its own column there: no setting column
+    assert "setting" not in chir and sorted(chir.init) == ["kaiming_normal"] * 2 + ["xavier_normal"] * 2
+    assert (chir.n_seeds == 2).all()
+
+
+def test_another_swept_key_is_a_setting_and_missing_values_show_a_dash(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, lr in enumerate(("0.1", "0.01")):
+        for seed in (0, 1):
+            _job(sweep, f"{i}{seed}", "vgg16", "kaiming", seed, 0.5 + i / 10, extra=(f"optimizer.lr={lr}",))
+    _job(sweep, "plain", "vgg16", "kaiming", 0, 0.3)  # from another sweep: no optimizer.lr override
+    settings = make_tables.Settings(make_tables.find_jobs([sweep])[0])
+    assert settings.swept == ["optimizer.lr"]
+    out = tmp_path / "tables"
+    assert make_tables.main([str(sweep), "--out", str(out)]) == 0
+    k = pd.read_csv(out / "class_filters_k.csv")
+    assert sorted(k[k.k == 5].setting) == ["optimizer.lr=0.01", "optimizer.lr=0.1", "optimizer.lr=–"]
+    assert dict(zip(k[k.k == 5].setting, k[k.k == 5].n_seeds, strict=True))["optimizer.lr=–"] == 1
