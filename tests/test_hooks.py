@@ -16,7 +16,7 @@ from torch import nn
 
 from featurelens.analysis import chirality, dissection
 from featurelens.analysis import specialization as spec
-from featurelens.analysis.hooks import record_outputs, recorded
+from featurelens.analysis.hooks import eval_mode, record_outputs, recorded
 from featurelens.callbacks import ClassFiltersCallback
 from featurelens.models.builders import MLP, SmallCNN
 
@@ -104,3 +104,47 @@ def test_feature_map_chirality_is_unchanged_by_an_inplace_relu_after_a_stage():
     assert got.keys() == want.keys() and "fmap/conv" in got
     for k in got:
         assert got[k] == want[k], k
+
+
+def _mixed_mode_cnn() -> nn.Module:
+    """A training model whose first BN the user froze in eval mode."""
+    torch.manual_seed(0)
+    net = SmallCNN(3, [4, 6], num_classes=3).train()
+    net.features[1].eval()
+    return net
+
+
+def _flags(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def test_eval_mode_restores_every_modules_own_flag_also_on_error():
+    net = _mixed_mode_cnn()
+    before = _flags(net)
+    assert True in before and False in before
+    try:
+        with eval_mode(net):
+            assert not any(_flags(net))
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert _flags(net) == before
+
+
+def test_every_analysis_leaves_a_frozen_bn_frozen():
+    from featurelens.analysis import importance, linking
+
+    x, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    runs = {
+        "activation_graph": lambda m: spec.activation_graph(m, [(x, y)], max_samples=6),
+        "lesion_test": lambda m: importance.lesion_test(m, [(x, y)], "features.1", [torch.tensor([0, 1])], 3),
+        "lesion_test_naive": lambda m: importance.lesion_test_naive(m, [(x, y)], "features.1", [torch.tensor([0])], 3),
+        "linking_features": lambda m: linking.FeatureExtractor(m, "classifier")(x),
+        "unit_masks": lambda m: dissection.unit_masks(m, m.features[0], x, 0, 0.0, (8, 8)),
+        "fmap_chirality": lambda m: chirality.fmap_chirality(m, x),
+    }
+    for name, run in runs.items():
+        net = _mixed_mode_cnn()
+        before = _flags(net)
+        run(net)
+        assert _flags(net) == before, name

@@ -94,6 +94,7 @@ def test_all_parts_run_on_a_checkpoint(cfg_factory):
     table = pd.read_csv(out / "subclusters_epoch1.csv")
     assert set(table.part) == {"importance", "coherence_dataset", "coherence_vis"}
     assert set(table.partition) == {"weights", "activations", "weights_local", "activations_local"}
+    assert {str(v) for v in table[table.partition.str.startswith("weights")].bn_folded} == {"True"}  # every table
     # BN folding is reported, and with fold_bn=both the unfolded graph gets its own n-cut against shuffles
     assert record["specialization/fold_bn"] == 1  # logged as a number
     assert 0 <= record["specialization/weights_unfolded/ncut"] <= 4

@@ -38,7 +38,6 @@ This module is plain torch and works on any ``nn.Module``; it does not import Li
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from collections.abc import Iterator
@@ -46,6 +45,8 @@ from collections.abc import Iterator
 import torch
 from scipy.special import gammaln
 from torch import Tensor, nn
+
+from featurelens.analysis.hooks import eval_mode
 
 __all__ = [
     "FLIPS",
@@ -447,18 +448,6 @@ def model_chirality(
 # ----------------------------------------------------------------------------------------------------------
 # Stride compatibility (spec §2.5 "stride caveat")
 # ----------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode and restore each module's own ``training`` flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _width_arg(v) -> int:
     """Width component (index 1) of an int-or-pair module argument."""
     return int(v[1]) if isinstance(v, (tuple, list)) else int(v)
@@ -514,7 +503,7 @@ def stride_compatible(model: nn.Module, width: int, in_channels: int = 3, height
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
     ]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             x = torch.zeros(1, in_channels, height or width, width, dtype=dtype, device=device)
             model(x)
     except Exception:  # noqa: BLE001 -- any failure means the model does not accept this width
@@ -646,7 +635,7 @@ def fmap_chirality(
 
     handles = [m.register_forward_hook(make_hook(accs[name])) for name, m in stages.items()]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 xb = x[start : start + batch_size]
                 current["batch"] = xb.shape[0]

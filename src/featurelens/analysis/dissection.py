@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from featurelens.analysis.hooks import recorded
+from featurelens.analysis.hooks import eval_mode, recorded
 
 __all__ = [
     "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "counts_from_tally", "default_layer",
@@ -692,11 +692,9 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     quant: dict[str, UnitQuantiles] = {}
     method: dict[str, str] = {}
     top: dict[str, TopImages] = {}
-    was_training = model.training
-    model.eval()
     handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             for x, _, idx in batches("dissection pass 1/2", True):
                 for name, a in forward(x).items():
                     if name not in quant:
@@ -720,7 +718,6 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     results = {}
     for name, t in tallies.items():
         I = iou(t, primary_category, denominator)

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from featurelens.analysis.hooks import eval_mode
 from featurelens.analysis.specialization import (
     fisher_combine,
     mean_sem,
@@ -191,18 +192,15 @@ def _unit_means(z: Tensor) -> Tensor:
 
 @contextlib.contextmanager
 def _eval_no_param_grad(model: nn.Module) -> Iterator[None]:
-    training = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        model.eval()
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
+        with eval_mode(model):
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
     finally:
         for p, f in flags:
             p.requires_grad_(f)
-        for m, t in training:
-            m.training = t
 
 
 def _seeds(seed: int | Sequence[int], n: int) -> list[int]:

@@ -1,4 +1,5 @@
-"""Recording module outputs with forward hooks, safely.
+"""Recording module outputs with forward hooks, safely; and running a model in eval mode without losing
+any module's own train/eval flag.
 
 A hooked module's output tensor is the very tensor the next module receives: an in-place op after it
 (``nn.ReLU(inplace=True)`` in torchvision models and in this project's MLP and small CNN) rewrites it. A record
@@ -45,3 +46,17 @@ def record_outputs(modules: Mapping[str, nn.Module],
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside the block; on exit (also on error) each module gets back its own
+    ``training`` flag. ``model.train(was_training)`` would instead overwrite them all, e.g. switch a BN the user
+    froze in eval mode back to training."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

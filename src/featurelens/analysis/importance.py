@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from featurelens.analysis.hooks import eval_mode
 from featurelens.analysis.specialization import (
     WeightGraph,
     fisher_combine,
@@ -147,11 +148,9 @@ def _lesion_counts(model: nn.Module, data: Iterable[Any], z_module: str | nn.Mod
         return torch.where(keep.repeat_interleave(b, 0).view(shape), out,
                            torch.zeros((), dtype=out.dtype, device=out.device))
 
-    was_training = model.training
-    model.eval()
     handle = module.register_forward_hook(hook)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             for batch in data:
                 x, y = _split_batch(batch)
                 x, y = x.to(device), y.to(device).long()
@@ -166,7 +165,6 @@ def _lesion_counts(model: nn.Module, data: Iterable[Any], z_module: str | nn.Mod
     finally:
         handle.remove()
         state["rows"] = None
-        model.train(was_training)
     return counts, totals
 
 
@@ -213,20 +211,15 @@ def lesion_test_naive(model: nn.Module, loader_or_batches: Iterable[Any], z_modu
         device = next(iter(model.parameters())).device
     batches = list(loader_or_batches)
     counts = torch.zeros(len(sets) + 1, num_classes, dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for i, s in enumerate([None, *sets]):
-                ctx = contextlib.nullcontext() if s is None else lesion_hook(module, s)
-                with ctx:
-                    for batch in batches:
-                        x, y = _split_batch(batch)
-                        pred = model(x.to(device)).argmax(1).cpu()
-                        y = y.long().cpu()
-                        counts[i] += torch.bincount(y[pred == y], minlength=num_classes)[:num_classes]
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model):
+        for i, s in enumerate([None, *sets]):
+            ctx = contextlib.nullcontext() if s is None else lesion_hook(module, s)
+            with ctx:
+                for batch in batches:
+                    x, y = _split_batch(batch)
+                    pred = model(x.to(device)).argmax(1).cpu()
+                    y = y.long().cpu()
+                    counts[i] += torch.bincount(y[pred == y], minlength=num_classes)[:num_classes]
     return counts
 
 

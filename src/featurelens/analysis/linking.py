@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from featurelens.analysis.hooks import eval_mode
 from featurelens.models.generators.base import PART_NAMES
 
 __all__ = [
@@ -494,16 +495,13 @@ class FeatureExtractor:
         outputs: list[Tensor] = []
         handles = [head_input_hook(self.head, captured),
                    self.head.register_forward_hook(lambda _m, _i, out: outputs.append(out))]
-        was_training = self.model.training
         try:
-            self.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.model):
                 x = self.preprocess(images) if self.preprocess is not None else images
                 logits = self.model(x)
         finally:
             for h in handles:
                 h.remove()
-            self.model.train(was_training)
         out = outputs[-1]
         if out is not logits and (out.shape != logits.shape or not torch.equal(out, logits)):
             raise ValueError(f"the {self.head.in_features} -> {self.head.out_features} nn.Linear is not the final "

@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from featurelens.analysis.hooks import record_outputs
+from featurelens.analysis.hooks import eval_mode, record_outputs
 
 __all__ = [
     "ConvNorm",
@@ -895,22 +895,18 @@ def activation_graph(model: nn.Module, data: Iterable[Any], graph: WeightGraph |
     names = [graph.z_modules[i] for i in layers]
     sizes = np.asarray([graph.layer_sizes[i] for i in layers], dtype=np.int64)
     metric = ActivationCorrelation(int(sizes.sum()), max_samples, corr, act_reduction)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), record_outputs({n: model.get_submodule(n) for n in names},
-                                             lambda z: reduce_activations(z, act_reduction).float()) as current:
-            for batch in data:
-                x = batch[0] if isinstance(batch, (list, tuple)) else batch
-                if device is not None:
-                    x = x.to(device)
-                current.clear()
-                model(x)
-                metric.update(torch.cat([current[n].cpu() for n in names], dim=1))
-                if int(metric.n_stored) >= max_samples:
-                    break
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model), record_outputs({n: model.get_submodule(n) for n in names},
+                                                           lambda z: reduce_activations(z, act_reduction).float()
+                                                           ) as current:
+        for batch in data:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if device is not None:
+                x = x.to(device)
+            current.clear()
+            model(x)
+            metric.update(torch.cat([current[n].cpu() for n in names], dim=1))
+            if int(metric.n_stored) >= max_samples:
+                break
     adj = metric.compute().cpu().numpy()
     return ActivationGraph(adj, [graph.layer_names[i] for i in layers], sizes, metric.samples().numpy(), layers)
 

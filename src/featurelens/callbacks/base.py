@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
 
+from featurelens.analysis.hooks import eval_mode
 from featurelens.results import ResultsFile, jsonable, write_json
 
 
@@ -53,15 +54,9 @@ class AnalysisContext:
 @contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, no gradients, forked RNG; the model's train/eval flags are restored afterwards."""
-    modes = {m: m.training for m in model.modules()}
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad():
-            model.eval()
-            yield
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad(), eval_mode(model):
+        yield
 
 
 def model_preprocess(ctx: AnalysisContext) -> Callable[[torch.Tensor], torch.Tensor]:

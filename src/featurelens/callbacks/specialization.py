@@ -188,7 +188,8 @@ class SpecializationCallback(AnalysisCallback):
         subclusters: list[dict[str, Any]] = []
         for name, part_labels in partitions.items():
             rows, summary = self._subcluster_statistics(model, graph, name, part_labels, act, ctx)
-            subclusters += [{"partition": name, **r} for r in rows]
+            folded = self.graph_kwargs["fold_bn"] if name.startswith("weights") else "n/a"  # activations: no graph
+            subclusters += [{"partition": name, "bn_folded": folded, **r} for r in rows]
             values.update({f"{name}/{k}": v for k, v in summary.items()})
         if subclusters:
             pd.DataFrame(subclusters).to_csv(self.out_dir / f"subclusters_epoch{ctx.epoch}.csv", index=False)
