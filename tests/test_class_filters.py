@@ -17,10 +17,8 @@ from featurelens.analysis.class_filters import (
     ClassFeatureStats,
     EvalCounts,
     FractionalHistogram,
-    capture_head_input,
     decomposed_logits,
     features_per_class,
-    find_head,
     fractional_k1,
     gathered_logits,
     head_macs,
@@ -37,6 +35,7 @@ from featurelens.analysis.class_filters import (
     topk_membership,
     weight_alignment,
 )
+from featurelens.analysis.hooks import capture_head_input, find_head
 
 torch.set_num_threads(2)
 
@@ -517,8 +516,8 @@ def test_find_head_and_capture_on_torchvision_models():
     with pytest.raises(ValueError) as err:
         find_head(NoLinear())
     assert str(err.value) == (
-        "class_filters: NoLinear has no final nn.Linear; expected an nn.Linear head over penultimate features "
-        "(set analysis.class_filters.head_module)"
+        "NoLinear has no final nn.Linear; expected an nn.Linear head over penultimate features "
+        "(set the analysis' head_module)"
     )
 
 

@@ -39,7 +39,7 @@ The data-dependent parts are :mod:`torchmetrics` metrics whose states are fixed-
 * :class:`EvalCounts`: per-head, per-class correct counts of any number of heads on labelled features.
 
 Everything else is a pure function of those states (and of ``W``, ``b``), valid on CPU or GPU tensors.
-:func:`find_head` and :func:`capture_head_input` locate the head of an ``nn.Module`` and record its input.
+:func:`featurelens.analysis.hooks.find_head` and ``capture_head_input`` locate the head and record its input.
 
 This module is plain torch + torchmetrics; it does not import Lightning.
 """
@@ -48,8 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -76,8 +75,6 @@ __all__ = [
     "features_per_class",
     "psi",
     "EvalCounts",
-    "find_head",
-    "capture_head_input",
 ]
 
 #: Images whose total activation mass is at or below this are skipped (spec §2.2).
@@ -625,61 +622,3 @@ class EvalCounts(Metric):
             "acc": correct.sum(1) / total.sum(),
             "acc_per_class": correct / total,
         }
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Model plumbing (§2.1)
-# --------------------------------------------------------------------------------------------------------------
-def find_head(
-    model: nn.Module, num_classes: int | None = None, head_module: str | None = None
-) -> tuple[str, nn.Linear]:
-    """The final linear layer ``(name, module)`` of ``model`` (spec §2.1).
-
-    With ``head_module`` the named submodule is returned (it must be an ``nn.Linear``).  Otherwise the last
-    ``nn.Linear`` in registration order is taken, restricted to ``out_features == num_classes`` when given.
-    Raises ``ValueError`` when nothing fits.
-    """
-    if head_module:
-        try:
-            mod = model.get_submodule(head_module)
-        except AttributeError as err:
-            raise ValueError(
-                f"class_filters: {type(model).__name__} has no submodule {head_module!r} "
-                "(analysis.class_filters.head_module)"
-            ) from err
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(
-                f"class_filters: head_module {head_module!r} is a {type(mod).__name__}, not an nn.Linear; "
-                "the method needs a linear head over penultimate features"
-            )
-        return head_module, mod
-    found: tuple[str, nn.Linear] | None = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and (num_classes is None or mod.out_features == num_classes):
-            found = (name, mod)
-    if found is None:
-        suffix = "" if num_classes is None else f" with out_features={num_classes}"
-        raise ValueError(
-            f"class_filters: {type(model).__name__} has no final nn.Linear{suffix}; expected an nn.Linear head "
-            "over penultimate features (set analysis.class_filters.head_module)"
-        )
-    return found
-
-
-@contextmanager
-def capture_head_input(head: nn.Module) -> Iterator[list[Tensor]]:
-    """Record the head's input during forwards inside the ``with`` block.
-
-    Yields a list to which every forward of ``head`` appends its input, flattened to ``(B, D)`` and detached
-    (on the input's device, not copied).  The forward pre-hook is removed on exit, also on error.
-    """
-    captured: list[Tensor] = []
-
-    def hook(_module: nn.Module, args: tuple) -> None:
-        captured.append(args[0].detach().flatten(1))
-
-    handle = head.register_forward_pre_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()

@@ -1,5 +1,5 @@
-"""Recording module outputs with forward hooks, safely; and running a model in eval mode without losing
-any module's own train/eval flag.
+"""The module plumbing every analysis shares: recording module outputs with forward hooks (safely), the
+classifier head and its input, and running a model in eval mode without losing any module's own flag.
 
 A hooked module's output tensor is the very tensor the next module receives: an in-place op after it
 (``nn.ReLU(inplace=True)`` in torchvision models and in this project's MLP and small CNN) rewrites it. A record
@@ -60,3 +60,51 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+def find_head(model: nn.Module, num_classes: int | None = None,
+              head_module: str | None = None) -> tuple[str, nn.Linear]:
+    """The final linear layer ``(name, module)`` of ``model``: the classifier head whose input is the
+    penultimate feature vector (class-filters spec §2.1, linking's r).
+
+    With ``head_module`` the named submodule is returned (it must be an ``nn.Linear``).  Otherwise the last
+    ``nn.Linear`` in registration order is taken, restricted to ``out_features == num_classes`` when given.
+    Raises ``ValueError`` when nothing fits (callers name their config key).
+    """
+    if head_module:
+        try:
+            mod = model.get_submodule(head_module)
+        except AttributeError as err:
+            raise ValueError(f"{type(model).__name__} has no submodule {head_module!r}") from err
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"head_module {head_module!r} is a {type(mod).__name__}, not an nn.Linear; the "
+                             "analysis needs a linear head over penultimate features")
+        return head_module, mod
+    found: tuple[str, nn.Linear] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and (num_classes is None or mod.out_features == num_classes):
+            found = (name, mod)
+    if found is None:
+        suffix = "" if num_classes is None else f" with out_features={num_classes}"
+        raise ValueError(f"{type(model).__name__} has no final nn.Linear{suffix}; expected an nn.Linear head over "
+                         "penultimate features (set the analysis' head_module)")
+    return found
+
+
+@contextlib.contextmanager
+def capture_head_input(head: nn.Module) -> Iterator[list[Tensor]]:
+    """Record the head's input during forwards inside the ``with`` block.
+
+    Yields a list to which every forward of ``head`` appends its input, flattened to ``(B, D)`` and detached
+    (not copied: nothing after the head can rewrite it).  The forward pre-hook is removed on exit, also on error.
+    """
+    captured: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple) -> None:
+        captured.append(args[0].detach().flatten(1))
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from featurelens.analysis.hooks import eval_mode
+from featurelens.analysis.hooks import capture_head_input, eval_mode, find_head, record_outputs
 from featurelens.models.generators.base import PART_NAMES
 
 __all__ = [
@@ -51,7 +51,6 @@ __all__ = [
     "pair_seeds",
     "build_pairs",
     "FeatureExtractor",
-    "head_input_hook",
     "activation_ranges",
     "unit_sweep",
     "luminance_map",
@@ -464,19 +463,16 @@ class FeatureExtractor:
 
     Args:
         model: the classifier. head_module: dotted name of its final ``nn.Linear`` (``fc``, ``classifier.6``,
-            ``head``). preprocess: optional callable applied to images first (eval preprocessing).
+            ``head``; None: the model's last ``nn.Linear``). preprocess: optional callable applied to images first
+            (eval preprocessing).
 
-    Runs the model in eval mode under ``no_grad`` and restores its previous mode. ``weight``/``bias`` expose the
-    head's parameters (detached).
+    Runs the model in eval mode under ``no_grad`` and restores every module's mode. ``weight``/``bias`` expose
+    the head's parameters (detached); ``head_name`` is the head's module name.
     """
 
-    def __init__(self, model: nn.Module, head_module: str, preprocess: Callable[[Tensor], Tensor] | None = None):
-        try:
-            head = model.get_submodule(head_module)
-        except AttributeError as err:
-            raise ValueError(f"FeatureExtractor: {type(model).__name__} has no submodule {head_module!r}") from err
-        if not isinstance(head, nn.Linear):
-            raise ValueError(f"FeatureExtractor: {head_module!r} is a {type(head).__name__}, not an nn.Linear")
+    def __init__(self, model: nn.Module, head_module: str | None = None,
+                 preprocess: Callable[[Tensor], Tensor] | None = None):
+        self.head_name, head = find_head(model, head_module=head_module)
         self.model, self.head, self.preprocess = model, head, preprocess
 
     @property
@@ -491,18 +487,11 @@ class FeatureExtractor:
     def __call__(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """``(r, logits)`` of ``images``; raises ``ValueError`` when the head's output is not the model's output
         (a non-final layer: counterfactuals would read its units as class logits)."""
-        captured: list[Tensor] = []
-        outputs: list[Tensor] = []
-        handles = [head_input_hook(self.head, captured),
-                   self.head.register_forward_hook(lambda _m, _i, out: outputs.append(out))]
-        try:
-            with torch.no_grad(), eval_mode(self.model):
-                x = self.preprocess(images) if self.preprocess is not None else images
-                logits = self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
-        out = outputs[-1]
+        with (torch.no_grad(), eval_mode(self.model), capture_head_input(self.head) as captured,
+              record_outputs({"head": self.head}) as outputs):
+            x = self.preprocess(images) if self.preprocess is not None else images
+            logits = self.model(x)
+        out = outputs["head"]
         if out is not logits and (out.shape != logits.shape or not torch.equal(out, logits)):
             raise ValueError(f"the {self.head.in_features} -> {self.head.out_features} nn.Linear is not the final "
                              f"layer: its output {tuple(out.shape)} is not the model's output {tuple(logits.shape)}; "
@@ -517,16 +506,6 @@ def centre_crop(images: Tensor, fraction: float) -> Tensor:
 
     h, w = images.shape[-2:]
     return TF.center_crop(images, [max(1, round(h * fraction)), max(1, round(w * fraction))])
-
-
-def head_input_hook(head: nn.Module, store: list[Tensor]) -> torch.utils.hooks.RemovableHandle:
-    """Register a forward pre-hook that appends the head's input, flattened to ``(B, d)`` and detached, to
-    ``store``; returns the handle (call ``.remove()``)."""
-
-    def hook(_module: nn.Module, args: tuple) -> None:
-        store.append(args[0].detach().flatten(1))
-
-    return head.register_forward_pre_hook(hook)
 
 
 # --------------------------------------------------------------------------------------------------------------

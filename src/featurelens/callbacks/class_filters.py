@@ -29,7 +29,7 @@ from torch import nn
 
 from featurelens import plots
 from featurelens.analysis import class_filters as cf
-from featurelens.analysis.hooks import record_outputs
+from featurelens.analysis.hooks import capture_head_input, find_head, record_outputs
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, wandb_loggers
 from featurelens.errors import ConfigError
 
@@ -81,7 +81,7 @@ class ClassFiltersCallback(AnalysisCallback):
         """Yield (captured inputs of the head, GAP'd outputs of ``modules``, labels) per batch."""
         layers = {n: m for n, m in modules.items() if n != "__head__"}
         with (record_outputs(layers, lambda o: o.flatten(2).mean(-1) if o.dim() > 2 else o) as pooled,
-              cf.capture_head_input(modules["__head__"]) as feats):
+              capture_head_input(modules["__head__"]) as feats):
             for x, y in ctx.datamodule.loader(dataset, self.batch_size, ctx.shard):
                 model(x.to(ctx.device))
                 yield feats.pop(), dict(pooled), y.to(ctx.device)
@@ -90,9 +90,9 @@ class ClassFiltersCallback(AnalysisCallback):
         if ctx.datamodule is None:
             raise RuntimeError("class_filters needs the data module (training or validation images)")
         try:
-            self.head_name, head = cf.find_head(model, head_module=self.head_module)
+            self.head_name, head = find_head(model, head_module=self.head_module)
         except ValueError as e:
-            raise ConfigError(str(e)) from None
+            raise ConfigError(f"analysis.class_filters.head_module: {e}") from None
         num_classes, dim = head.out_features, head.in_features
         ks = sorted({dim, *(min(K, dim) for K in (*self.k_grid, self.k))})  # k = D: the exact control
         k_default = min(self.k, dim)

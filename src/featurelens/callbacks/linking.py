@@ -41,14 +41,6 @@ log = logging.getLogger("featurelens")
 SELECTIVITY_MEASURES = ("area", "luminance", "entropy_mean", "cx", "cy")
 
 
-def last_linear(model: nn.Module) -> str:
-    """Name of the model's final ``nn.Linear`` (the head whose input is ``r``)."""
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not names:
-        raise ConfigError(f"linking: {type(model).__name__} has no nn.Linear head; set analysis.linking.head_module")
-    return names[-1]
-
-
 class LinkingCallback(AnalysisCallback):
     """Linear map from the classifier's penultimate features to a generator's latent, with unit sweeps and
     counterfactuals (spec §3-§5, §8)."""
@@ -153,9 +145,8 @@ class LinkingCallback(AnalysisCallback):
     def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
         gen = self.generator(ctx)
         classes = self._classes(gen)
-        head = self.head_module or last_linear(model)
         try:
-            E = lk.FeatureExtractor(model, head, self._view(ctx, gen))
+            E = lk.FeatureExtractor(model, self.head_module, self._view(ctx, gen))
             E(gen.synthesize(gen.sample_w(1, classes[0], self.psi, seed=0)))  # is the head the final layer?
         except ValueError as e:
             raise ConfigError(f"analysis.linking.head_module: {e}") from None
@@ -168,6 +159,7 @@ class LinkingCallback(AnalysisCallback):
                                   "keep_rates": dict(zip(map(str, classes), train.keep_rate.tolist(), strict=True)),
                                   "min_pairs": min_pairs, "n_per_class": n_per_class}
         self._last = {"epoch": ctx.epoch, "classes": classes, "keep_rates": train.keep_rate.tolist(),
+                      "layer": E.head_name,
                       "seed_base": seed_base, "heldout_base": heldout_base,
                       "n_draws": train.n_draws.tolist()}
         if len(train) < min_pairs:
@@ -280,7 +272,7 @@ class LinkingCallback(AnalysisCallback):
             out / "keep_rates.csv", index=False)
         if "lmap" not in last:
             return
-        last["lmap"].save(out / "linking_map.npz", epoch=ctx.epoch, layer=self.head_module or last_linear(model),
+        last["lmap"].save(out / "linking_map.npz", epoch=ctx.epoch, layer=last["layer"],
                           classes=np.asarray(last["classes"]), psi=self.psi, seed_base=last["seed_base"],
                           heldout_base=last["heldout_base"], n_pairs_kept=int(record["linking/n_pairs"]),
                           keep_rates=np.asarray(last["keep_rates"]),
