@@ -47,11 +47,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(jsonable(obj), indent=2))
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(json.dumps(jsonable(obj), indent=2).encode()))
 
 
 class ResultsFile:
@@ -61,14 +58,8 @@ class ResultsFile:
         self.path = Path(path)
 
     def rewrite(self, records: Iterable[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w") as f:
-            for r in records:
-                f.write(json.dumps(jsonable(r)) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, lambda fh: fh.writelines((json.dumps(jsonable(r)) + "\n").encode()
+                                                          for r in records))
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

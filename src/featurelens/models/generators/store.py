@@ -76,7 +76,7 @@ def cache_path(gen_cfg: dict, data_cfg: dict) -> Path:
 
 # ---------------------------------------------------------------------------- checkpoint files
 def save_cvae(gen: CondVAEGenerator, path: str | Path, meta: dict | None = None) -> Path:
-    """Write ``gen`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    """Write ``gen`` to ``path`` atomically (:func:`featurelens.results.atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in gen.state_dict().items()}
