@@ -16,7 +16,7 @@ from torch import nn
 
 from featurelens.analysis import chirality, dissection
 from featurelens.analysis import specialization as spec
-from featurelens.analysis.hooks import eval_mode, record_outputs, recorded
+from featurelens.analysis.hooks import eval_mode, record_outputs, recorded, run_forward
 from featurelens.callbacks import ClassFiltersCallback
 from featurelens.models.builders import MLP, SmallCNN
 
@@ -148,3 +148,18 @@ def test_every_analysis_leaves_a_frozen_bn_frozen():
         before = _flags(net)
         run(net)
         assert _flags(net) == before, name
+
+
+def test_a_stopping_recording_ends_the_forward_once_every_module_is_recorded():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise AssertionError("the layers above the recorded ones must not run")
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2), Boom())
+    x = torch.randn(5, 3)
+    with record_outputs({"a": net[0], "b": net[2], "again": net[2]}, {"a": lambda z: z.sum(1)}, stop=True) as out:
+        run_forward(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out["a"], net[0](x).sum(1))  # reduced per name
+        torch.testing.assert_close(out["b"], net[2](torch.relu(net[0](x))))
+    assert torch.equal(out["again"], out["b"]) and not net[2]._forward_hooks

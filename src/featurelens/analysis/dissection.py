@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from featurelens.analysis.hooks import eval_mode, recorded
+from featurelens.analysis.hooks import eval_mode, record_outputs, run_forward
 
 __all__ = [
     "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "counts_from_tally", "default_layer",
@@ -609,13 +609,9 @@ def _collate_indexed(batch):
     return torch.stack(list(xs)), list(labels), torch.tensor(idx)
 
 
-class _StopForward(Exception):
-    """Raised by the last capturing hook: the layers above the dissected ones need not run."""
-
-
-def _layer_output(out) -> torch.Tensor:
-    """A hooked module's output as a float (B, U, h, w) copy (an in-place ReLU after it must not change it)."""
-    a = recorded(out, lambda t: t.float())
+def _as_maps(a: torch.Tensor) -> torch.Tensor:
+    """A layer output as float (B, U, h, w) maps (a linear layer's (B, U) as 1 x 1 maps)."""
+    a = a.float()
     return a[:, :, None, None] if a.ndim == 2 else a
 
 
@@ -656,28 +652,15 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     n_images = len(data)
     device = torch.device(device)
     rots = {name: torch.as_tensor(r, dtype=torch.float32, device=device) for name, r in (rotations or {}).items()}
-    captured: dict[str, torch.Tensor] = {}
 
-    def make_hook(name: str):
-        rot = rots.get(name)
-
-        def hook(_module, _inp, out):
-            a = _layer_output(out)
-            captured[name] = a if rot is None else torch.einsum("ij,bjhw->bihw", rot, a)
-            if len(captured) == len(layers):
-                raise _StopForward
-
-        return hook
+    def rotated(rot: torch.Tensor | None):
+        return _as_maps if rot is None else (lambda a: torch.einsum("ij,bjhw->bihw", rot, _as_maps(a)))
 
     def forward(x) -> dict[str, torch.Tensor]:
         x = x.to(device)
-        try:
-            model(preprocess(x) if preprocess is not None else x)
-        except _StopForward:
-            pass
-        acts = dict(captured)
         captured.clear()
-        return acts
+        run_forward(model, preprocess(x) if preprocess is not None else x)
+        return dict(captured)
 
     def batches(desc: str, images_only: bool):
         loader = torch.utils.data.DataLoader(_Shard(data, *shard, images_only=images_only), batch_size=batch_size,
@@ -692,32 +675,28 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     quant: dict[str, UnitQuantiles] = {}
     method: dict[str, str] = {}
     top: dict[str, TopImages] = {}
-    handles = [module.register_forward_hook(make_hook(name)) for name, module in layers.items()]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            for x, _, idx in batches("dissection pass 1/2", True):
-                for name, a in forward(x).items():
-                    if name not in quant:
-                        q_metric, method[name] = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
-                                                                quantile_method, max_bytes)
-                        quant[name] = q_metric.to(device)
-                        if topn:
-                            top[name] = TopImages(a.shape[1], topn).to(device)
-                    quant[name].update(a)
-                    if name in top:
-                        top[name].update(a, idx)
-            if not quant:
-                raise ValueError("empty dataset")
-            T = {name: m.compute() for name, m in quant.items()}
-            tally = {name: IoUTally(T[name].numel(), num_labels, primary_category, num_categories=K).to(device)
-                     for name in layers}
-            for x, labels, _ in batches("dissection pass 2/2", False):
-                for name, a in forward(x).items():
-                    tally[name].update(a, labels, T[name])
-            tallies = {name: {k: v.cpu() for k, v in m.compute().items()} for name, m in tally.items()}
-    finally:
-        for handle in handles:
-            handle.remove()
+    reduce = {name: rotated(rots.get(name)) for name in layers}
+    with torch.no_grad(), eval_mode(model), record_outputs(layers, reduce, stop=True) as captured:
+        for x, _, idx in batches("dissection pass 1/2", True):
+            for name, a in forward(x).items():
+                if name not in quant:
+                    q_metric, method[name] = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
+                                                            quantile_method, max_bytes)
+                    quant[name] = q_metric.to(device)
+                    if topn:
+                        top[name] = TopImages(a.shape[1], topn).to(device)
+                quant[name].update(a)
+                if name in top:
+                    top[name].update(a, idx)
+        if not quant:
+            raise ValueError("empty dataset")
+        T = {name: m.compute() for name, m in quant.items()}
+        tally = {name: IoUTally(T[name].numel(), num_labels, primary_category, num_categories=K).to(device)
+                 for name in layers}
+        for x, labels, _ in batches("dissection pass 2/2", False):
+            for name, a in forward(x).items():
+                tally[name].update(a, labels, T[name])
+        tallies = {name: {k: v.cpu() for k, v in m.compute().items()} for name, m in tally.items()}
     results = {}
     for name, t in tallies.items():
         I = iou(t, primary_category, denominator)
@@ -745,19 +724,8 @@ def dissect(model: torch.nn.Module, layer_module: torch.nn.Module, data, num_lab
 def unit_masks(model: torch.nn.Module, layer_module: torch.nn.Module, images: torch.Tensor, unit: int,
                threshold: float, mask_size: tuple[int, int], preprocess=None) -> torch.Tensor:
     """M_k(x) (n, sh, sw) bool for one unit on a few images (§2.3: bilinear upsampling, ``S_k > T_k``)."""
-    captured: list[torch.Tensor] = []
-
-    def hook(_module, _inp, out):
-        captured.append(_layer_output(out))
-        raise _StopForward
-
-    handle = layer_module.register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            model(preprocess(images) if preprocess is not None else images)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    S = F.interpolate(captured[0][:, unit:unit + 1], size=tuple(mask_size), mode="bilinear", align_corners=False)
+    with torch.no_grad(), record_outputs({"layer": layer_module}, _as_maps, stop=True) as captured:
+        run_forward(model, preprocess(images) if preprocess is not None else images)
+    S = F.interpolate(captured["layer"][:, unit:unit + 1], size=tuple(mask_size), mode="bilinear",
+                      align_corners=False)
     return S[:, 0].to(torch.float64) > threshold

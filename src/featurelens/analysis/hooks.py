@@ -28,16 +28,39 @@ def recorded(out: Any, reduce: Callable[[Tensor], Tensor] | None = None) -> Tens
     return r.clone() if _storage(r) == _storage(t) else r
 
 
+class StopForward(Exception):
+    """Raised by :func:`record_outputs` hooks with ``stop=True`` once every module is recorded; caught by
+    :func:`run_forward`."""
+
+
+def run_forward(model: nn.Module, x: Tensor) -> None:
+    """``model(x)``, ending quietly where a ``stop=True`` recording has everything it needs."""
+    try:
+        model(x)
+    except StopForward:
+        pass
+
+
+Reduce = Callable[[Tensor], Tensor]
+
+
 @contextlib.contextmanager
-def record_outputs(modules: Mapping[str, nn.Module],
-                   reduce: Callable[[Tensor], Tensor] | None = None) -> Iterator[dict[str, Tensor]]:
-    """Hook ``modules`` (name -> module); yields a dict that every forward pass fills with each module's
-    :func:`recorded` output under its name. The hooks are removed on exit, also on error."""
+def record_outputs(modules: Mapping[str, nn.Module], reduce: Reduce | Mapping[str, Reduce] | None = None,
+                   stop: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Hook ``modules`` (name -> module; several names may hook one module); yields a dict that every forward
+    pass fills with each module's :func:`recorded` output under its name, reduced by ``reduce`` (one callable,
+    or one per name). ``stop``: once all names are recorded the forward stops (the layers above need not run;
+    call the model with :func:`run_forward` and clear the dict between passes). The hooks are removed on exit,
+    also on error."""
     outputs: dict[str, Tensor] = {}
 
     def make_hook(name: str):
+        fn = reduce.get(name) if isinstance(reduce, Mapping) else reduce
+
         def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-            outputs[name] = recorded(out, reduce)
+            outputs[name] = recorded(out, fn)
+            if stop and len(outputs) == len(modules):
+                raise StopForward
         return hook
 
     handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
