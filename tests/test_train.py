@@ -228,3 +228,24 @@ def test_kaiming_draws_conv_layers_with_mode_and_linear_layers_with_linear_mode(
     init_weights(net, method, mode="fan_in", linear_mode="fan_out", nonlinearity="relu")
     assert float(net[0].weight.std()) == pytest.approx(math.sqrt(2 / (8 * 9)), rel=0.05)
     assert float(net[2].weight.std()) == pytest.approx(math.sqrt(2 / 10), rel=0.05)
+
+
+def test_one_validation_epoch_above_the_bound_is_not_divergence_two_in_a_row_are():
+    """Eval-mode BN statistics can lag fast-moving weights for an epoch (ResNet-50 at warm-up: val loss 4224
+    at epoch 0 with a training loss of 3-5): the validation check needs two epochs in a row."""
+    from featurelens.module import Classifier
+
+    module = Classifier({"num_classes": 10}, {"_target_": "torch.optim.SGD", "lr": 0.1},
+                        net=torch.nn.Linear(4, 10))
+    module.loss_ref = math.log(10)
+    bound = 20 * math.log(10)
+    module._check_loss(bound * 10, "validation", patience=2)  # first epoch over: a warning sign only
+    module._check_loss(1.0, "validation", patience=2)  # recovered: the count restarts
+    module._check_loss(bound * 10, "validation", patience=2)
+    with pytest.raises(DivergedError, match=r"validation loss .* \(2 epochs in a row\)"):
+        module._check_loss(bound * 2, "validation", patience=2)
+    with pytest.raises(DivergedError):  # a training step above the bound stops at once
+        module._check_loss(bound * 2, "training")
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["featurelens"]["val_over_bound"] == 2  # survives a resume

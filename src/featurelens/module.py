@@ -27,10 +27,13 @@ class Classifier(pl.LightningModule):
     so ``analyze.py`` can rebuild the preprocessing from the checkpoint alone. ``net`` passes an already
     built (and initialised) net; a checkpoint rebuilds it from ``model_cfg``.
 
-    ``divergence_factor``: the run stops with :class:`DivergedError` when a training step's loss, or an
-    epoch's validation loss, exceeds this multiple of the reference max(ln C, first training loss): ln C is
-    the loss of a uniform guess and the first loss what the init gives, so a loss 20 times both means
-    logits that grew far past anything the model started from (null: only NaN/inf stop the run).
+    ``divergence_factor``: the run stops with :class:`DivergedError` when a training step's loss, or the
+    validation loss of two epochs in a row, exceeds this multiple of the reference max(ln C, first training
+    loss): ln C is the loss of a uniform guess and the first loss what the init gives, so a loss 20 times both
+    means logits that grew far past anything the model started from (null: only NaN/inf stop the run). One
+    epoch's validation loss alone is not enough: early in training a BN net evaluated with running statistics
+    that lag the fast-moving weights can score 10^3 x the bound (ResNet-50, epoch 0 at warm-up lr 0.1: val
+    loss 4224 with a training loss of 3-5) and recover by the next epoch.
     At the start of every training epoch the global RNGs (torch, numpy, python; dropout and the like) are
     re-seeded from (``run_info.seed``, epoch), so a resumed run continues exactly as the uninterrupted one.
     """
@@ -44,6 +47,7 @@ class Classifier(pl.LightningModule):
         self.net: nn.Module = net if net is not None else instantiate(model_cfg)
         num_classes = model_cfg["num_classes"]
         self.loss_ref: float | None = None  # max(ln C, first training loss); checkpointed
+        self.val_over_bound = 0  # consecutive validation epochs above the bound; checkpointed
         self.epoch_train_metrics: dict[str, float] = {}  # this epoch's train/acc and train/loss_epoch
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -64,14 +68,20 @@ class Classifier(pl.LightningModule):
         args = ", ".join(f"{k}={v}" for k, v in opt.items() if not k.startswith("_"))
         return f"{str(opt.get('_target_')).rsplit('.', 1)[-1]}({args})"
 
-    def _check_loss(self, loss: float, what: str) -> None:
+    def _check_loss(self, loss: float, what: str, patience: int = 1) -> None:
+        """NaN/inf stop at once; a loss above the bound stops once ``patience`` checks in a row were above it."""
         where = f"at epoch {self.current_epoch}, step {self.global_step}"
         hint = f"optimizer {self._optimizer_settings()}; checkpoints/last.ckpt keeps the last good epoch"
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"{what} loss became {loss} {where} (lr too high? {hint})")
         factor = self.hparams.divergence_factor
-        if factor is not None and self.loss_ref is not None and loss > factor * self.loss_ref:
-            raise DivergedError(f"{what} loss {loss:.4g} {where} exceeds {factor:g} x {self.loss_ref:.4g} "
+        over = factor is not None and self.loss_ref is not None and loss > factor * self.loss_ref
+        if patience > 1:
+            self.val_over_bound = self.val_over_bound + 1 if over else 0
+            over = self.val_over_bound >= patience
+        if over:
+            again = f" ({patience} epochs in a row)" if patience > 1 else ""
+            raise DivergedError(f"{what} loss {loss:.4g} {where} exceeds {factor:g} x {self.loss_ref:.4g}{again} "
                                 f"(max of ln C and the first training loss): the run diverged; {hint}; "
                                 "lower optimizer.lr or raise model.recipe.warmup_epochs")
 
@@ -112,7 +122,7 @@ class Classifier(pl.LightningModule):
             # the analyses that run after validation record this epoch's values, not the previous one's
             self.epoch_train_metrics = {"train/acc": float(self.train_acc.compute()),
                                         "train/loss_epoch": float(self.train_loss.compute())}
-            self._check_loss(float(self.val_loss.compute()), "validation")
+            self._check_loss(float(self.val_loss.compute()), "validation", patience=2)
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, pred, y = self._step(batch)
@@ -123,12 +133,13 @@ class Classifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # torchmetrics states are not in the state dict: the best val acc so far must survive a resume
-        checkpoint["featurelens"] = {"loss_ref": self.loss_ref,
+        checkpoint["featurelens"] = {"loss_ref": self.loss_ref, "val_over_bound": self.val_over_bound,
                                      "val_acc_best": float(self.val_acc_best.max_value)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("featurelens", {})
         self.loss_ref = state.get("loss_ref")
+        self.val_over_bound = int(state.get("val_over_bound", 0))
         if state.get("val_acc_best") is not None:
             self.val_acc_best.max_value.fill_(state["val_acc_best"])
 
