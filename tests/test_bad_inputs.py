@@ -69,6 +69,7 @@ TRAIN_CASES = [
     ("seed=abc", "seed='abc': must be an integer"),
     ("seed=-1", "seed=-1"),
     ("init.method=he", "valid: ['default'"),
+    ("init=kaiming init.linear_mode=fan_sideways", "init.linear_mode='fan_sideways' is unknown; valid: ['fan_in'"),
     ("model.input_size=big", "model.input_size='big'"),
     ("model.channels=abc", "model.channels='abc': must be a non-empty list of positive integers"),
     ("model.channels=[]", "model.channels=[]"),

@@ -38,6 +38,9 @@ def init_weights(model: nn.Module, method: str = "default", **params: float | st
         raise ConfigError(f"init.method={method!r} is unknown; valid: {list(INIT_METHODS)}")
     if any(isinstance(v, float | int) and not math.isfinite(v) for v in params.values()):
         raise ConfigError(f"init parameters must be finite, got {params}")
+    for key in ("mode", "linear_mode"):
+        if key in params and params[key] not in ("fan_in", "fan_out"):
+            raise ConfigError(f"init.{key}={params[key]!r} is unknown; valid: ['fan_in', 'fan_out']")
     if method == "default":
         return model
     draw = _INITS[method]
