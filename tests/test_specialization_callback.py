@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 from conftest import TINY
 
 from featurelens.analysis import specialization as spec
@@ -143,3 +144,20 @@ def test_bad_specialization_values_are_rejected(cfg_factory, override):
     cfg = cfg_factory("analysis=specialization", override, base=[])
     with pytest.raises(ConfigError, match=override.split("=")[0].split(".")[-1]):
         instantiate_all(cfg.analysis)
+
+
+def test_re_analysing_an_epoch_replaces_its_shuffle_rows(tmp_path):
+    """A run resumed into its own directory analyses the interrupted epoch again: no duplicated rows."""
+    from featurelens.callbacks import AnalysisContext, SpecializationCallback
+
+    cb = SpecializationCallback(k=2, n_shuffles=2)
+    cb.run_dir = tmp_path
+    cb.out_dir.mkdir(parents=True)
+    p = "specialization/"
+    for epoch, ncuts in ((1, [0.5, 0.6]), (2, [0.7, 0.8]), (2, [0.9, 1.0])):
+        record = {p + "weights/shuffled_ncuts": ncuts, p + "activations/shuffled_ncuts": [1.5]}
+        cb.report(nn.Linear(2, 2), AnalysisContext(tmp_path, epoch, 0), record)
+    rows = pd.read_csv(cb.out_dir / "shuffles.csv")
+    assert rows.groupby(["epoch", "partition"]).size().to_dict() == {(1, "activations"): 1, (1, "weights"): 2,
+                                                                     (2, "activations"): 1, (2, "weights"): 2}
+    assert rows[rows.epoch == 2].ncut.tolist() == [0.9, 1.0, 1.5]  # the later analysis wins

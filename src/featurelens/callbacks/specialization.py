@@ -35,6 +35,7 @@ from featurelens.analysis import specialization as spec
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, model_preprocess, wandb_loggers
 from featurelens.data.datamodule import targets as targets_of
 from featurelens.errors import ConfigError
+from featurelens.results import atomic_write
 
 PARTS = ("weights", "activations", "importance", "coherence", "visualisation")
 
@@ -335,7 +336,10 @@ class SpecializationCallback(AnalysisCallback):
                               for name in ("weights", "weights_unfolded", "activations")
                               if (ncuts := record.get(f"{p}{name}/shuffled_ncuts")) is not None])
         path = self.out_dir / "shuffles.csv"
-        shuffles.to_csv(path, mode="a", header=not path.exists(), index=False)
+        if path.exists():  # a resumed run re-analyses an epoch: its rows replace the earlier ones
+            earlier = pd.read_csv(path)
+            shuffles = pd.concat([earlier[earlier.epoch != ctx.epoch], shuffles])
+        atomic_write(path, lambda fh: fh.write(shuffles.to_csv(index=False).encode()))
         bn = "BN folded" if self.graph_kwargs["fold_bn"] else "BN not folded"
         if not (ctx.epoch == 0 or ctx.epoch % self.figures_every == 0 or ctx.final):
             return
