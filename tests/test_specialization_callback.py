@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 from conftest import TINY
+from torch import nn
 
 from featurelens.analysis import specialization as spec
 from featurelens.analyze import analyze
