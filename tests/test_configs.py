@@ -183,3 +183,16 @@ def test_every_experiment_composes_its_whole_sweep_grid(cfg_factory, name):
     for shown in (*want_models, want_data):
         assert DISPLAY[shown].lower() in header, (name, shown)
     assert f"`{name}`" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["shapes", "digits"])
+def test_the_normalisation_of_embedded_data_needs_no_resized_splits(cfg_factory, name):
+    from featurelens.runtime import build
+
+    cfg = cfg_factory(f"data={name}", base=[])
+    lazy = build(cfg.data, input_size=112)
+    mean, std = lazy.normalisation()
+    assert lazy.train_set is None  # nothing resized to 112 px was built
+    full = build(cfg.data, input_size=112)
+    full.setup("fit")
+    assert (mean, std) == (full.mean, full.std) and len(mean) == cfg.data.channels

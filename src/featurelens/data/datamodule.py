@@ -165,6 +165,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.train_eval_set: Dataset | None = None  # the training images without augmentation
+        self.mean: list[float] | None = None  # the training normalisation, per channel
+        self.std: list[float] | None = None
 
     # ----------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -188,14 +190,21 @@ class ImageDataModule(pl.LightningDataModule):
     def normalisation(self) -> tuple[list[float], list[float]]:
         """The training normalisation ``(mean, std)`` per channel. Torchvision datasets and image folders use
         fixed statistics, so no image is read (a linking run on StyleGAN-XL needs no image folder); the
-        embedded datasets compute theirs from the training split (loaded once)."""
+        embedded datasets compute theirs from the training split at its native size, without building the
+        resized splits (a dissection on a 112-px model reads no shapes image at 112 px)."""
         if self.name in _TORCHVISION:
             _, mean, std = _TORCHVISION[self.name]
             return list(mean), list(std)
-        self.setup("fit")
+        if self.mean is None:
+            self._set_statistics(self._tensors()["train"][0])
         return self.mean, self.std
 
-    def _setup_tensors(self) -> None:
+    def _set_statistics(self, x_train: torch.Tensor) -> None:
+        self.mean = x_train.mean(dim=(0, 2, 3)).tolist()
+        self.std = x_train.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+
+    def _tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The embedded dataset's splits at ``image_size``: split -> (images (N, C, H, W) in [0, 1], labels)."""
         if self.name == "shapes":
             from featurelens.data.shapes import load_or_make_shapes
 
@@ -219,9 +228,12 @@ class ImageDataModule(pl.LightningDataModule):
         n_labels = int(max(y.max() for _, y in tensors.values())) + 1
         if n_labels > self.num_classes:
             raise ConfigError(f"data.num_classes={self.num_classes} but {self.name} has {n_labels} classes")
+        return tensors
+
+    def _setup_tensors(self) -> None:
+        tensors = self._tensors()
         x_train = tensors["train"][0]
-        self.mean = x_train.mean(dim=(0, 2, 3)).tolist()
-        self.std = x_train.std(dim=(0, 2, 3)).clamp_min(1e-6).tolist()
+        self._set_statistics(x_train)
         mean, std = torch.tensor(self.mean)[:, None, None], torch.tensor(self.std)[:, None, None]
 
         def prep(x: torch.Tensor) -> torch.Tensor:
