@@ -145,9 +145,10 @@ def holm(pvalues: list[float]) -> list[float]:
 
 
 def init_anova(final: pd.DataFrame) -> pd.DataFrame:
-    """Spec §7: one-way ANOVA of final C_model over inits, per model (needs >= 2 seeds per init)."""
+    """Spec §7: one-way ANOVA of final C_model over inits, per model, flip augmentation and swept setting (never
+    pooled across them; needs >= 2 seeds per init)."""
     rows = []
-    for model, g in final.groupby("model"):
+    for (model, flip_aug, setting), g in final.groupby(["model", "flip_aug", "setting"]):
         groups = [s["C"].to_numpy() for _, s in g.groupby("init")]
         if len(groups) < 2 or min(len(x) for x in groups) < 2:
             continue
@@ -158,10 +159,10 @@ def init_anova(final: pd.DataFrame) -> pd.DataFrame:
         means = [x.mean() for x in groups]
         s_w = np.sqrt(np.mean([x.var(ddof=1) for x in groups]))
         n = min(len(x) for x in groups)
-        rows.append({"model": model, "F": res.statistic, "p": res.pvalue,
+        rows.append({"model": model, "flip_aug": flip_aug, "setting": setting, "F": res.statistic, "p": res.pvalue,
                      "eta2": ss_between / ss_total if ss_total > 0 else np.nan,
                      "range": max(means) - min(means), "range_limit": max(0.01, 4 * s_w / np.sqrt(n))})
-    table = pd.DataFrame(rows)
+    table = _without_empty_setting(pd.DataFrame(rows))
     if not table.empty:
         table["p_holm"] = holm(table["p"].tolist())
         table["init_does_not_matter"] = (table["p_holm"] >= 0.05) & (table["range"] <= table["range_limit"])
