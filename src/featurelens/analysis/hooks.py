@@ -20,7 +20,10 @@ def _storage(t: Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def recorded(out: Any, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+Reduce = Callable[[Tensor], Tensor]
+
+
+def recorded(out: Any, reduce: Reduce | None = None) -> Tensor:
     """A hooked module's output (the first element of a tuple output), detached, reduced by ``reduce`` inside
     the hook, and never sharing memory with the output itself (copied only when the reduction did not)."""
     t = (out[0] if isinstance(out, tuple | list) else out).detach()
@@ -39,9 +42,6 @@ def run_forward(model: nn.Module, x: Tensor) -> None:
         model(x)
     except StopForward:
         pass
-
-
-Reduce = Callable[[Tensor], Tensor]
 
 
 @contextlib.contextmanager

@@ -491,8 +491,8 @@ class FeatureExtractor:
               record_outputs({"head": self.head}) as outputs):
             x = self.preprocess(images) if self.preprocess is not None else images
             logits = self.model(x)
-        out = outputs["head"]
-        if out is not logits and (out.shape != logits.shape or not torch.equal(out, logits)):
+        out = outputs["head"]  # a copy (record_outputs): compared by value
+        if out.shape != logits.shape or not torch.equal(out, logits):
             raise ValueError(f"the {self.head.in_features} -> {self.head.out_features} nn.Linear is not the final "
                              f"layer: its output {tuple(out.shape)} is not the model's output {tuple(logits.shape)}; "
                              "name the layer that produces the class logits (null: the last nn.Linear)")
