@@ -102,13 +102,17 @@ def _brute_force(acts, labels, T, num_labels, prim, K):
     return I, G, Ap, Al
 
 
-def test_streaming_equals_brute_force(broden):
+@pytest.mark.parametrize(("source", "cache_bytes"), [("list", 2**30), ("list", 0), ("broden", 2**30), ("broden", 0)])
+def test_streaming_equals_brute_force(broden, source, cache_bytes):
+    """Both paths (activations cached from pass 1, or a second forward pass) on a plain dataset and on a
+    BrodenDataset (whose passes decode only the images, then only the masks) equal the brute force."""
     ds, items = broden
-    items = items[:8]
-    data = ListData(items, ds.categories, ds.label_names)
+    data = ds if source == "broden" else ListData(items, ds.categories, ds.label_names)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)  # 32 px -> 8x8 raw maps, masks 16x16
-    res = dissect(conv, conv, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=3)
+    res = dissect(conv, conv, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=3,
+                  cache_bytes=cache_bytes)
+    assert res["forward_passes"] == (1 if cache_bytes else 2)
 
     with torch.no_grad():
         acts = conv(torch.stack([x for x, _ in items]))

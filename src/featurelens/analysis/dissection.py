@@ -5,12 +5,13 @@ Implements /work/shared/spec/dissection.md §2 with plain torch (+ torchmetrics 
 - :class:`UnitQuantiles` — pass 1, exact per-unit (1 - q) quantile T_k of the raw low-resolution activations
   (§2.2, ``quantile.method: exact_topk``).
   :func:`make_quantiles` picks it, or the documented ``subsample`` estimate when the exact buffer is too big.
-- :class:`IoUTally` — pass 2, integer tallies I (U, C+1), G (C+1), A^paper and A^lite (U, n_cat) (§2.3-§2.5).
+- :class:`IoUTally` — pass 2, integer tallies I (U, C+1), G (C+1), A^paper and A^lite (U, n_cat) (§2.3-§2.5),
+  over labels parsed once per decoded image (:func:`parse_labels` -> :class:`ImageLabels`).
 - :class:`TopImages` — the top-activating images per unit (for the strips, §5).
 - :func:`iou`, :func:`unit_labels`, :func:`unique_detectors` (methods A and B), :func:`tally_table`,
   :func:`counts_from_tally` (the counts from a tally CSV alone) (§2.5-§2.6).
 - :func:`dissect_layers` / :func:`dissect` — both passes with forward hooks on the layers, all layers in the same
-  two passes (eval, no_grad, sharded across ranks);
+  passes (eval, no_grad, sharded across ranks; one forward pass while the activations fit a budget);
   :func:`unit_masks` — one unit's M_k on a few images; :func:`default_layer`, :func:`resolve_layer`.
 - :func:`random_rotation` — Q^alpha for the random-rotation baseline; :func:`random_init_copy` — the
   random-init baseline (§2.7).
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -34,9 +36,9 @@ from torchmetrics import Metric
 from featurelens.analysis.hooks import eval_mode, record_outputs, run_forward
 
 __all__ = [
-    "EPS", "QUANTILE_METHODS", "IoUTally", "TopImages", "UnitQuantiles", "counts_from_tally", "default_layer",
-    "dissect", "dissect_layers", "iou", "make_quantiles", "random_init_copy", "random_rotation", "resolve_layer",
-    "tally_table", "unique_detectors", "unit_labels", "unit_masks",
+    "EPS", "QUANTILE_METHODS", "ImageLabels", "IoUTally", "TopImages", "UnitQuantiles", "counts_from_tally",
+    "default_layer", "dissect", "dissect_layers", "iou", "make_quantiles", "parse_labels", "random_init_copy",
+    "random_rotation", "resolve_layer", "tally_table", "unique_detectors", "unit_labels", "unit_masks",
 ]
 
 EPS = 1e-10  # §2.5 epsilon in the IoU denominator
@@ -141,6 +143,58 @@ class UnitQuantiles(Metric):
 # ---------------------------------------------------------------------------------------------------------------
 # Pass 2: tallies (§2.3-§2.5)
 # ---------------------------------------------------------------------------------------------------------------
+class ImageLabels(NamedTuple):
+    """One image's labels in the form the tally joins on (:func:`parse_labels`).
+
+    ``pixel_labels``: sorted unique ``pixel * LABEL_BASE + label`` codes of its pixel labels (label > 0, mask layers
+    OR-ed per label, labels also present image-level dropped: those cover the whole grid anyway, §2.4);
+    ``image_labels``: its sorted unique image-level labels (> 0); ``size``: the mask grid (sh, sw), or None for an
+    image without pixel categories."""
+
+    pixel_labels: torch.Tensor
+    image_labels: torch.Tensor
+    size: tuple[int, int] | None
+
+
+LABEL_BASE = 65536  # Broden label numbers are R + 256·G < 2^16
+
+
+def parse_labels(labels: Mapping[str, torch.Tensor] | ImageLabels,
+                 image_level: frozenset[str] = IMAGE_LEVEL) -> ImageLabels:
+    """An image's ``{category: tensor}`` labels as :class:`ImageLabels`, built once when the image is decoded
+    (e.g. in a DataLoader worker), so no tally rebuilds it per layer or per pass; parsed labels pass through."""
+    if isinstance(labels, ImageLabels):
+        return labels
+    size = None
+    pix, img = [], []
+    for cat, t in labels.items():
+        t = torch.as_tensor(t)
+        if cat in image_level or t.ndim <= 1:
+            img.append(t.reshape(-1).to(torch.int64))
+            continue
+        if t.ndim == 2:
+            t = t.unsqueeze(0)
+        if size is None:
+            size = (int(t.shape[-2]), int(t.shape[-1]))
+        elif size != (int(t.shape[-2]), int(t.shape[-1])):
+            raise ValueError(f"category {cat!r}: mask size {tuple(t.shape[-2:])} != {size}")
+        pix.append(t.reshape(t.shape[0], -1).to(torch.int64))
+    img_set = torch.unique(torch.cat(img)) if img else torch.zeros(0, dtype=torch.int64)
+    img_set = img_set[img_set > 0]
+    if pix:
+        lab = torch.cat(pix, dim=0)  # (layers, P)
+        if lab.numel() and int(lab.max()) >= LABEL_BASE:
+            raise ValueError(f"label numbers must be < {LABEL_BASE}, got {int(lab.max())}")
+        keep = lab > 0
+        if img_set.numel():
+            keep &= ~torch.isin(lab, img_set)
+        pos = torch.arange(lab.shape[1]).expand_as(lab)
+        codes = torch.unique(pos[keep] * LABEL_BASE + lab[keep])  # sorted by pixel, then label
+    else:
+        codes = torch.zeros(0, dtype=torch.int64)
+    return ImageLabels(codes, img_set, size)
+
+
 class IoUTally(Metric):
     """Integer IoU tallies (§2.5), all sum-reduced and fixed-size.
 
@@ -191,59 +245,29 @@ class IoUTally(Metric):
         self.add_state("raw_values", default=torch.tensor(0, dtype=z), dist_reduce_fx="sum")
         self.add_state("images", default=torch.tensor(0, dtype=z), dist_reduce_fx="sum")
 
-    def _labels_of(self, labels: Mapping[str, torch.Tensor], mask_size, device):
-        """-> (pixel_ids (n,) unique label*P + pixel for label>0, image-level label set (m,), (sh, sw))."""
-        size = None
-        pix, img = [], []
-        for cat, t in labels.items():
-            t = torch.as_tensor(t)
-            if cat in self.image_level or t.ndim <= 1:
-                img.append(t.reshape(-1).to(device=device, dtype=torch.int64))
-            else:
-                if t.ndim == 2:
-                    t = t.unsqueeze(0)
-                if size is None:
-                    size = (int(t.shape[-2]), int(t.shape[-1]))
-                elif size != (int(t.shape[-2]), int(t.shape[-1])):
-                    raise ValueError(f"category {cat!r}: mask size {tuple(t.shape[-2:])} != {size}")
-                pix.append(t.reshape(t.shape[0], -1).to(device=device, dtype=torch.int64))
-        if size is None:
-            if mask_size is None:
-                raise ValueError("image without pixel categories: pass mask_size")
-            size = (int(mask_size[0]), int(mask_size[1]))
-        P = size[0] * size[1]
-        img_set = torch.unique(torch.cat(img)) if img else torch.zeros(0, dtype=torch.int64, device=device)
-        img_set = img_set[img_set > 0]
-        if pix:
-            lab = torch.cat(pix, dim=0)  # (layers, P); layers OR-ed per label (§2.4)
-            pos = torch.arange(P, device=device).expand_as(lab)
-            keep = lab > 0
-            if img_set.numel():  # an image-level label already covers the whole grid
-                keep &= ~torch.isin(lab, img_set)
-            ids = torch.unique(lab[keep] * P + pos[keep])
-        else:
-            ids = torch.zeros(0, dtype=torch.int64, device=device)
-        return ids, img_set, size
-
-    def update(self, acts: torch.Tensor, labels: Sequence[Mapping[str, torch.Tensor]],
+    def update(self, acts: torch.Tensor, labels: Sequence[Mapping[str, torch.Tensor] | ImageLabels],
                thresholds: torch.Tensor, mask_size: tuple[int, int] | None = None) -> None:
-        """acts (B, U, h, w) raw activations; labels: B dicts {category: tensor}; thresholds (U,).
+        """acts (B, U, h, w) raw activations; labels: B dicts {category: tensor} or their :func:`parse_labels`;
+        thresholds (U,); ``mask_size``: the grid of images without pixel categories.
 
         Sparse and vectorised over the batch: only (image, unit) pairs whose max exceeds T_k (the skip rule) are
-        upsampled; the active pixels of M are joined with the labels of their pixel (a CSR index over the
-        batch's (image, pixel, label) triples) and counted with ``bincount``. Work and memory scale with the
-        number of active pixels (≈ q of all), not with U·B·sh·sw.
+        upsampled; each active pixel of M is joined with the labels of its pixel (the batch's pixel-sorted label
+        codes, a CSR index) and counted with ``bincount``. Work and memory scale with the number of active pixels
+        (≈ q of all), not with U·B·sh·sw.
         """
         B = acts.shape[0]
         if len(labels) != B:
             raise ValueError(f"{B} activation maps but {len(labels)} label dicts")
-        device = acts.device
-        parsed = [self._labels_of(lab, mask_size, device) for lab in labels]
-        if len({size for *_, size in parsed}) > 1:  # mixed mask sizes: one image at a time
+        parsed = [lab if isinstance(lab, ImageLabels) else parse_labels(lab, self.image_level) for lab in labels]
+        sizes = {p.size or (None if mask_size is None else tuple(mask_size)) for p in parsed}
+        if None in sizes:
+            raise ValueError("image without pixel categories: pass mask_size")
+        if len(sizes) > 1:  # mixed mask sizes: one image at a time
             for b in range(B):
-                self.update(acts[b:b + 1], labels[b:b + 1], thresholds, mask_size)
+                self.update(acts[b:b + 1], parsed[b:b + 1], thresholds, mask_size)
             return
-        sh, sw = parsed[0][2]
+        (sh, sw), = sizes
+        device = acts.device
         P = sh * sw
         U, L, K = self.num_units, self.num_labels, self.num_categories
         T = thresholds.to(device=device, dtype=torch.float64)
@@ -267,16 +291,15 @@ class IoUTally(Metric):
         act_b, act_u, act_p = (torch.cat(v) if v else empty for v in (act_b, act_u, act_p))
         nM = torch.bincount(act_u * B + act_b, minlength=U * B).reshape(U, B)  # |M_k(x)|
 
-        # (image, pixel, label) triples of pixel labels, sorted by image pixel; (image, label) image-level pairs
-        pix_b = torch.cat([torch.full((len(ids),), b, dtype=torch.int64, device=device)
-                           for b, (ids, _, _) in enumerate(parsed)])
-        ids = torch.cat([ids for ids, _, _ in parsed])
-        lab, flat = ids // P, pix_b * P + ids % P
-        order = torch.argsort(flat, stable=True)
-        lab, flat = lab[order], flat[order]
-        img_b = torch.cat([torch.full((len(s),), b, dtype=torch.int64, device=device)
-                           for b, (_, s, _) in enumerate(parsed)])
-        img_c = torch.cat([s for _, s, _ in parsed])
+        # the batch's pixel labels as (image·P + pixel, label), sorted by image pixel; image-level (image, label)
+        codes = [p.pixel_labels.to(device) for p in parsed]
+        pix_b = torch.repeat_interleave(torch.arange(B, device=device),
+                                        torch.tensor([len(c) for c in codes], device=device))
+        codes = torch.cat(codes)
+        lab, flat = codes % LABEL_BASE, pix_b * P + codes // LABEL_BASE
+        img_b = torch.repeat_interleave(torch.arange(B, device=device),
+                                        torch.tensor([len(p.image_labels) for p in parsed], device=device))
+        img_c = torch.cat([p.image_labels.to(device) for p in parsed])
         self.label_count += torch.bincount(lab, minlength=L) + P * torch.bincount(img_c, minlength=L)
 
         # join: every active pixel with every pixel label at that pixel
@@ -299,7 +322,7 @@ class IoUTally(Metric):
         img_present = torch.zeros(B, K, dtype=torch.bool, device=device)
         img_present[img_b[img_ok], img_k[img_ok]] = True
         present = img_present.clone()  # paper: the image has a label of category k
-        present[(flat // P)[pix_ok], pix_k[pix_ok]] = True
+        present[pix_b[pix_ok], pix_k[pix_ok]] = True
         hit_k = prim[hit_lab]
         ok = hit_k >= 0  # lite: M_k(x) overlaps a pixel labelled with category k
         overlap = torch.bincount((hit_u[ok] * B + hit_b[ok]) * K + hit_k[ok], minlength=U * B * K).reshape(U, B, K)
@@ -586,27 +609,30 @@ def random_init_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 class _Shard(torch.utils.data.Dataset):
-    """Every ``world``-th item from ``rank`` on, returning ``(x, labels, global index)``; with ``images_only``
-    (pass 1) a dataset that can (``load_image``, e.g. :class:`BrodenDataset`) skips decoding the masks."""
+    """Every ``world``-th item from ``rank`` on, as ``(x, labels, global index)``, decoding only what a pass needs:
+    ``read="images"`` (thresholds) leaves the labels empty, ``read="labels"`` (tallies over cached activations)
+    leaves the image None, where the dataset can (``load_image`` / ``load_labels``, e.g. :class:`BrodenDataset`).
+    Labels come as :func:`parse_labels` (built here, in the DataLoader worker)."""
 
-    def __init__(self, dataset, rank: int = 0, world: int = 1, images_only: bool = False):
-        self.dataset, self.idx = dataset, range(rank, len(dataset), world)
-        self.images_only = images_only and hasattr(dataset, "load_image")
+    def __init__(self, dataset, rank: int = 0, world: int = 1, read: str = "both"):
+        self.dataset, self.idx, self.read = dataset, range(rank, len(dataset), world), read
 
     def __len__(self) -> int:
         return len(self.idx)
 
     def __getitem__(self, i):
         j = self.idx[i]
-        if self.images_only:
-            return self.dataset.load_image(j), {}, j
+        if self.read == "images" and hasattr(self.dataset, "load_image"):
+            return self.dataset.load_image(j), None, j
+        if self.read == "labels" and hasattr(self.dataset, "load_labels"):
+            return None, parse_labels(self.dataset.load_labels(j)), j
         x, labels = self.dataset[j]
-        return x, labels, j
+        return x, (None if self.read == "images" else parse_labels(labels)), j
 
 
 def _collate_indexed(batch):
     xs, labels, idx = zip(*batch, strict=True)
-    return torch.stack(list(xs)), list(labels), torch.tensor(idx)
+    return (None if xs[0] is None else torch.stack(list(xs))), list(labels), torch.tensor(idx)
 
 
 def _as_maps(a: torch.Tensor) -> torch.Tensor:
@@ -622,12 +648,15 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
                    tau: float = 0.04, categories: Sequence[str] | None = None,
                    label_names: Sequence[str] | None = None, quantile_method: str = "exact_topk",
                    max_bytes: int = 2 * 1024**3, preprocess=None, shard: tuple[int, int] = (0, 1), topn: int = 0,
-                   num_workers: int = 0, progress: bool = False) -> dict[str, dict]:
+                   num_workers: int = 0, progress: bool = False, cache_bytes: int = 1024**3) -> dict[str, dict]:
     """Run both streaming passes (§2.2 thresholds, §2.5 tallies) on the outputs of ``layers`` ({name: module}).
 
-    All layers are hooked at once, so the data is read and the model run twice in all, whatever the number of
-    layers; each forward pass stops after the last hooked layer. Several names may hook the same module (e.g. with
-    different rotations).
+    All layers are hooked at once, so the model runs once or twice in all, whatever the number of layers, and
+    each forward pass stops after the last hooked layer. Pass 1 decodes the images only and computes the
+    thresholds; pass 2 decodes the masks and tallies. When every hooked layer's activations of this shard fit in
+    ``cache_bytes`` (float32, on ``device``), pass 1 keeps them and pass 2 runs no forward pass; above the budget
+    pass 2 runs the model again (``forward_passes`` says which), so memory stays bounded whatever the number of
+    images. Several names may hook the same module (e.g. with different rotations).
 
     Args:
         data: a sized Dataset of ``(x, {category: tensor})`` items (e.g. :class:`BrodenDataset`); images in
@@ -638,12 +667,15 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
         shard: (rank, world size): this process reads every world-th image; the Metrics sync across ranks
             when torch.distributed is initialised, so every rank returns the same global result.
         topn: also track the ``topn`` images with the highest max activation per unit (``top_images``).
+        num_workers: DataLoader workers decoding images and masks (and parsing the labels) beside the model.
+        cache_bytes: the activation budget of the one-forward-pass path (0: always two passes).
 
     Returns {layer name: dict}: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1)
     float64, ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None
     if no names), ``frac_active`` (mean |M|/(N·sh·sw) over units, after upsampling), ``frac_active_raw`` (mean
     share of raw values above T_k: ≈ q by construction, lower where ties at T_k, e.g. ReLU zeros, fill the top
-    quantile), ``quantile_method`` (the method used), ``top_images`` ((topn, U) dataset indices or None).
+    quantile), ``quantile_method`` (the method used), ``top_images`` ((topn, U) dataset indices or None),
+    ``forward_passes`` (1 or 2).
     """
     if not layers:
         raise ValueError("no layer to dissect")
@@ -662,8 +694,8 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
         run_forward(model, preprocess(x) if preprocess is not None else x)
         return dict(captured)
 
-    def batches(desc: str, images_only: bool):
-        loader = torch.utils.data.DataLoader(_Shard(data, *shard, images_only=images_only), batch_size=batch_size,
+    def batches(desc: str, read: str):
+        loader = torch.utils.data.DataLoader(_Shard(data, *shard, read=read), batch_size=batch_size,
                                              shuffle=False, collate_fn=_collate_indexed, num_workers=num_workers)
         if not progress:
             return loader
@@ -676,9 +708,18 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     method: dict[str, str] = {}
     top: dict[str, TopImages] = {}
     reduce = {name: rotated(rots.get(name)) for name in layers}
+    n_shard = len(range(shard[0], n_images, shard[1]))
+    cache: list[dict[str, torch.Tensor]] | None = []
     with torch.no_grad(), eval_mode(model), record_outputs(layers, reduce, stop=True) as captured:
-        for x, _, idx in batches("dissection pass 1/2", True):
-            for name, a in forward(x).items():
+        for x, _, idx in batches("dissection pass 1/2", "images"):
+            acts = forward(x)
+            if cache is not None:
+                per_image = sum(a[0].numel() * 4 for a in acts.values())
+                if per_image * n_shard <= cache_bytes:
+                    cache.append(acts)
+                else:
+                    cache = None
+            for name, a in acts.items():
                 if name not in quant:
                     q_metric, method[name] = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
                                                             quantile_method, max_bytes)
@@ -693,8 +734,8 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
         T = {name: m.compute() for name, m in quant.items()}
         tally = {name: IoUTally(T[name].numel(), num_labels, primary_category, num_categories=K).to(device)
                  for name in layers}
-        for x, labels, _ in batches("dissection pass 2/2", False):
-            for name, a in forward(x).items():
+        for i, (x, labels, _) in enumerate(batches("dissection pass 2/2", "both" if cache is None else "labels")):
+            for name, a in (forward(x) if cache is None else cache[i]).items():
                 tally[name].update(a, labels, T[name])
         tallies = {name: {k: v.cpu() for k, v in m.compute().items()} for name, m in tally.items()}
     results = {}
@@ -706,7 +747,8 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
                "counts": unique_detectors(I, primary_category, tau, n_cat), "quantile_method": method[name],
                "frac_active": float(t["act_total"].double().mean() / max(int(t["pixels"]), 1)),
                "frac_active_raw": float(t["raw_active"].double().mean() / max(int(t["raw_values"]), 1)),
-               "top_images": top[name].compute().cpu() if name in top else None, "table": None}
+               "top_images": top[name].compute().cpu() if name in top else None, "table": None,
+               "forward_passes": 2 if cache is None else 1}
         if categories is not None and label_names is not None:
             res["table"] = tally_table(t, I, primary_category, label_names, categories, denominator)
         results[name] = res

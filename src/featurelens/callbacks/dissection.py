@@ -46,10 +46,11 @@ PLOT_ORDER = ("object", "scene", "part", "material", "texture", "color")  # §5 
 
 
 class _InMemory(torch.utils.data.Dataset):
-    """A small Broden dataset decoded once (the procedural set: a few MB), with the loader's attributes."""
+    """A small Broden dataset decoded and parsed once (the procedural set: a few MB), with the loader's
+    attributes."""
 
     def __init__(self, ds: BrodenDataset):
-        self.items = [ds[i] for i in range(len(ds))]
+        self.items = [(ds.load_image(i), nd.parse_labels(ds.load_labels(i))) for i in range(len(ds))]
         self.categories, self.label_names, self.primary_category = ds.categories, ds.label_names, ds.primary_category
 
     def __len__(self) -> int:
@@ -69,7 +70,7 @@ class DissectionCallback(AnalysisCallback):
                  split: str | None = None, categories: Sequence[str] = DEFAULT_CATEGORIES,
                  synthbroden: dict[str, Any] | None = None, quantile: dict[str, Any] | None = None,
                  iou_threshold: float = 0.04, denominator: str = "paper", upsample: str = "bilinear",
-                 batch_size: int = 64, num_workers: int = 0, topn_images: int = 10,
+                 batch_size: int = 64, num_workers: int = 0, cache_bytes: int = 1024**3, topn_images: int = 10,
                  top_units: int = 8, rotation: dict[str, Any] | None = None,
                  random_init: dict[str, Any] | None = None, figures_every: int = 5, data_dir: str = "data"):
         super().__init__(every_n_epochs)
@@ -104,8 +105,8 @@ class DissectionCallback(AnalysisCallback):
         if not alphas or any(not 0 <= float(a) <= 1 for a in alphas) or int(self.rotation["seeds"]) < 1:
             problems.append(f"rotation.alphas={list(alphas)} / seeds={self.rotation['seeds']} "
                             "(alphas in [0, 1], seeds >= 1)")
-        if batch_size < 1 or topn_images < 0 or top_units < 0 or figures_every < 1:
-            problems.append("batch_size, figures_every must be >= 1 and topn_images, top_units >= 0")
+        if batch_size < 1 or topn_images < 0 or top_units < 0 or figures_every < 1 or cache_bytes < 0:
+            problems.append("batch_size, figures_every must be >= 1 and topn_images, top_units, cache_bytes >= 0")
         if layers is not None and (isinstance(layers, str) or not layers):
             problems.append(f"layers={layers!r} (a non-empty list of module names, or null for the default)")
         if problems:
@@ -113,7 +114,7 @@ class DissectionCallback(AnalysisCallback):
         self.layers = list(layers) if layers is not None else None
         self.broden_dir, self.split, self.categories = broden_dir, split, list(categories)
         self.tau, self.denominator = float(iou_threshold), denominator
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.cache_bytes = batch_size, num_workers, int(cache_bytes)
         self.topn_images, self.top_units, self.figures_every = topn_images, top_units, figures_every
         self.data_dir = data_dir
         self._data: torch.utils.data.Dataset | None = None
@@ -160,7 +161,7 @@ class DissectionCallback(AnalysisCallback):
                                  batch_size=self.batch_size, tau=self.tau, quantile_method=self.quantile["method"],
                                  max_bytes=int(self.quantile["max_bytes"]), preprocess=model_preprocess(ctx),
                                  shard=ctx.shard, num_workers=self.num_workers, progress=len(data) >= 2000,
-                                 **kwargs)
+                                 cache_bytes=self.cache_bytes, **kwargs)
 
     # ------------------------------------------------------------------ analysis
     def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
@@ -244,8 +245,9 @@ class DissectionCallback(AnalysisCallback):
             np.save(out / "iou.npy", res["iou"].numpy().astype(np.float32))
             counts = res["counts_json"]
             (out / "counts.json").write_text(json.dumps({"epoch": ctx.epoch, **counts}, indent=1))
-            log.info("dissection %s, epoch %d: %s (method A; method B: %d unique)", layer, ctx.epoch,
-                     counts["header"], counts["unique_B"])
+            log.info("dissection %s, epoch %d: %s (method A; method B: %d unique; %d forward pass%s)", layer,
+                     ctx.epoch, counts["header"], counts["unique_B"], res["forward_passes"],
+                     "" if res["forward_passes"] == 1 else "es")
             images.append((f"{layer}/detectors_per_label", self._label_bars(res, data, out, counts["header"])))
             plots.histogram_with_marker(res["labels"]["score"].numpy(), self.tau, out / "score_hist.png",
                                         xlabel="unit score (best IoU)", title=f"{layer}: unit scores (line: tau)")
@@ -296,8 +298,7 @@ class DissectionCallback(AnalysisCallback):
             if not idx:
                 continue
             x = torch.stack([data[i][0] for i in idx])
-            labels = data[idx[0]][1]
-            sh, sw = next((t.shape[-2:] for t in labels.values() if t.ndim == 3), x.shape[-2:])
+            sh, sw = nd.parse_labels(data[idx[0]][1]).size or x.shape[-2:]
             masks = nd.unit_masks(model, module, x.to(ctx.device), unit, float(res["thresholds"][unit]),
                                   (int(sh), int(sw)), model_preprocess(ctx)).cpu()
             up = F.interpolate(masks[:, None].float(), size=x.shape[-2:], mode="nearest")
