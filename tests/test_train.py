@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import signal
@@ -25,9 +26,10 @@ def _records(run_dir: Path) -> list[dict]:
     return read_results(run_dir / "analysis" / "chirality" / "results.jsonl")
 
 
-def test_default_run_writes_every_output(cfg_factory):
+def test_default_run_writes_every_output(cfg_factory, caplog):
     cfg = cfg_factory()
-    metrics = train(cfg)
+    with caplog.at_level(logging.INFO, logger="featurelens"):
+        metrics = train(cfg)
     run = Path(cfg.paths.output_dir)
     assert {"val/acc", "test/acc", "train/loss"} <= set(metrics)
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
@@ -42,6 +44,12 @@ def test_default_run_writes_every_output(cfg_factory):
     # feature-map chirality runs at epoch 0, every 5th and the last epoch (fmap.every_n_epochs=5)
     assert ["chirality/flip_consistency" in r for r in records] == [True, False, True]
     assert "val/acc" in records[1] and "val/acc" not in records[0]
+    # one log line per analysis and epoch, with its headline values and time
+    lines = [r.getMessage() for r in caplog.records]
+    for name, key in (("chirality", "model"), ("class_filters", "acc_decomposed")):
+        done = [line for line in lines if line.startswith(f"{name} epoch ")]
+        assert [line.split(":")[0] for line in done] == [f"{name} epoch {e}" for e in (0, 1, 2)], lines
+        assert all(f"{key}=" in line and line.endswith(" s)") for line in done), done
     out = run / "analysis" / "chirality"
     for name in ("chirality_vs_epoch.png", "rho_hist_first_last.png", "c_norm_by_layer.png", "conv1_by_rho.png",
                  "table_epoch0.csv", "table_epoch2.csv", "summary.json"):

@@ -10,6 +10,8 @@ An analysis is a plain function in ``featurelens.analysis``; its callback subcla
   Lightning's sanity check;
 - puts the model in eval mode, disables gradients and forks the RNG, restoring all of it afterwards, so an
   analysis never perturbs training;
+- writes one line per analysed epoch to the run log (``train.log``): its ``headline`` values and how long the
+  computation and the report took;
 - logs ``<name>/<key>`` scalars to every logger, appends the record to
   ``<run_dir>/analysis/<name>/results.jsonl`` and keeps it in ``history``, which is checkpointed, so a
   resumed run rewrites the file from the history and continues without duplicated or lost epochs.
@@ -20,6 +22,8 @@ An analysis is a plain function in ``featurelens.analysis``; its callback subcla
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,8 @@ from torch import nn
 
 from featurelens.analysis.hooks import eval_mode
 from featurelens.results import ResultsFile, jsonable, write_json
+
+log = logging.getLogger("featurelens")
 
 
 @dataclass
@@ -93,6 +99,8 @@ class AnalysisCallback(pl.Callback):
     name = "analysis"
     #: analyses on identical weights need only rank 0; accumulating (torchmetrics) analyses set False
     rank_zero_only = True
+    #: the keys of :meth:`compute`'s values that the per-epoch log line shows
+    headline: tuple[str, ...] = ()
 
     def __init__(self, every_n_epochs: int = 1, probe_size: int = 500, probe_seed: int = 0):
         super().__init__()
@@ -126,8 +134,12 @@ class AnalysisCallback(pl.Callback):
 
     def analyze(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
         """Compute, record, log and report one epoch."""
+        if ctx.shard[0] == 0:
+            log.info("%s: analysing epoch %d ...", self.name, ctx.epoch)
+        start = time.perf_counter()
         with analysis_mode(model):
             values = self.compute(model, ctx)
+        computed = time.perf_counter()
         scalars = {f"{self.name}/{k}": float(v) for k, v in values.items() if isinstance(v, int | float)}
         record = {"epoch": ctx.epoch, "step": ctx.step, **ctx.metrics, **scalars,
                   **{f"{self.name}/{k}": v for k, v in values.items() if not isinstance(v, int | float)}}
@@ -138,6 +150,9 @@ class AnalysisCallback(pl.Callback):
             log_scalars(ctx.loggers, {**scalars, "epoch": ctx.epoch}, ctx.step)
             with analysis_mode(model):
                 self.report(model, ctx, record)
+            shown = ", ".join(f"{k}={values[k]:.4g}" for k in self.headline if isinstance(values.get(k), int | float))
+            log.info("%s epoch %d: %s (%.1f s, report %.1f s)", self.name, ctx.epoch, shown or "done",
+                     computed - start, time.perf_counter() - computed)
         return record
 
     def finish(self, ctx: AnalysisContext) -> dict[str, float]:

@@ -38,6 +38,7 @@ class ChiralityCallback(AnalysisCallback):
     """
 
     name = "chirality"
+    headline = ("model", "model_pooled")
 
     def __init__(self, every_n_epochs: int = 1, flips: Sequence[str] = ("h", "v", "d4"), eps: float = 1e-12,
                  include_fc_as_conv: bool = False, hist_bins: int = 40, sym_threshold: float = 0.9,

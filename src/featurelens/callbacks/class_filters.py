@@ -52,6 +52,7 @@ class ClassFiltersCallback(AnalysisCallback):
     """
 
     name = "class_filters"
+    headline = ("acc_full", "acc_decomposed", "jaccard_mean")
     rank_zero_only = False
 
     def __init__(self, every_n_epochs: int = 1, k: int = 5, k_grid: Sequence[int] = (1, 2, 3, 5, 10, 15, 20, 30, 64),

@@ -64,6 +64,7 @@ class DissectionCallback(AnalysisCallback):
     """Unit-concept IoUs and interpretable-unit counts of ``layers`` per epoch (spec §2, §5)."""
 
     name = "dissection"
+    headline = ("unique_detectors", "detectors", "mean_score")
     rank_zero_only = False  # the tallies are torchmetrics Metrics: every rank reads its shard, then they sync
 
     def __init__(self, every_n_epochs: int = 1, layers: Sequence[str] | None = None, broden_dir: str | None = None,

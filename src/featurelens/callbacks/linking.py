@@ -46,6 +46,7 @@ class LinkingCallback(AnalysisCallback):
     counterfactuals (spec §3-§5, §8)."""
 
     name = "linking"
+    headline = ("r2_heldout", "rank", "mse_train")
 
     def __init__(self, every_n_epochs: int = 1, generator: dict[str, Any] | None = None,
                  head_module: str | None = None, classes: Sequence[int] | None = None,

@@ -46,6 +46,7 @@ class SpecializationCallback(AnalysisCallback):
     epoch only (the default: it costs more than the other analyses)."""
 
     name = "specialization"
+    headline = ("weights/ncut", "weights/ncut_z", "weights/ncut_percentile")
 
     def __init__(self, every_n_epochs: int | None = None, parts: Sequence[str] = ("weights", "activations"),
                  k: int = 12, n_shuffles: int = 10, shuffle_method: str = "layer", conv_norm: str = "l1",
