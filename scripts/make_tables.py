@@ -2,34 +2,34 @@
 
     python scripts/make_tables.py outputs/multiruns/<date>/<time> [more sweep dirs] [--out outputs/tables]
 
-Each job directory of a sweep holds ``.hydra/config.yaml`` and ``analysis/<name>/results.jsonl``; jobs that
-failed (a ``FAILED`` file, or no results) are listed and left out. Every table groups its rows by model, data
-and every override that differs across the jobs (``.hydra/overrides.yaml``: e.g. ``init``, ``optimizer.lr``),
-so only seeds are averaged; each markdown table says what it grouped by. Writes, for feature chirality:
-``chirality_init.{csv,md}`` (chirality at init and after training per model × init × flip augmentation,
+Each job directory of a sweep holds ``.hydra/config.yaml`` and ``analysis/<name>/results.jsonl``; jobs that failed
+(a ``FAILED`` file, or no results) are listed and left out, and so are jobs whose model did not learn: best
+validation accuracy not above chance (one-sided binomial test against 1/C on the job's ``data.n_val`` images, p >
+0.001), whose "trained" analyses would describe a random net (``--keep-untrained`` keeps them). Every table groups
+its rows by model, data and every override that differs across the jobs (``.hydra/overrides.yaml``: e.g. ``init``,
+``optimizer.lr``), so only seeds are averaged; each markdown table says what it grouped by. Writes, for feature
+chirality: ``chirality_init.{csv,md}`` (chirality at init and after training per model × init × flip augmentation,
 mean ± sd over seeds, with val accuracy and the ANOVA test of "the init does not matter", spec §7) and
-``chirality_vs_epoch.png`` (C_model vs epoch, one line per init, one panel per model).
-For class-specific filters (final epoch of every job): ``class_filters_k.{csv,md}`` (decomposed accuracy
-per k with the full head's, mean ± sd over seeds, plus union, overlap, MI and MAC reduction at the default
-k), ``class_filters_depth.{csv,md}`` (features per class, set size, Ψ and decomposed accuracy per model
-and depth, with the Spearman correlation of depth against both readings of "proportional to depth":
-the absolute count K(0.5) and the share K(0.5)/D) and ``class_filters_acc_vs_k.png``.
-For local specialization (epoch 0 = random init, and the final epoch = trained): ``specialization.{csv,md}``
-per model × data × state: n-cut, z and percentile against shuffles for the weight partition, the activation
-partition's n-cut and its agreement with the weights (ARI), and for each statistic (importance: mean and
-range; coherence: dataset examples, visualisation score and entropy) the share of significant
+``chirality_vs_epoch.png`` (C_model vs epoch, one line per init, one panel per model). For class-specific filters
+(final epoch of every job): ``class_filters_k.{csv,md}`` (decomposed accuracy per k with the full head's, mean ± sd
+over seeds, plus union, overlap, MI and MAC reduction at the default k), ``class_filters_depth.{csv,md}`` (features
+per class, set size, Ψ and decomposed accuracy per model and depth, with the Spearman correlation of depth against
+both readings of "proportional to depth": the absolute count K(0.5) and the share K(0.5)/D) and
+``class_filters_acc_vs_k.png``. For local specialization (epoch 0 = random init, and the final epoch = trained):
+``specialization.{csv,md}`` per model × data × state: n-cut, z and percentile against shuffles for the weight
+partition, the activation partition's n-cut and its agreement with the weights (ARI), and for each statistic
+(importance: mean and range; coherence: dataset examples, visualisation score and entropy) the share of significant
 sub-clusters (percentile 0.05), the mean shifted-Fisher p over seeds combined by the Bates CDF, and
-Benjamini–Hochberg at q = 0.05 over all cells.
-For network dissection: ``dissection_layers.{csv,md}`` (detectors and unique detectors, both counting methods
-and per category, per model × layer at the last epoch, with the random-init and rotation baselines),
-``dissection_epochs.{csv,md}`` and ``dissection_vs_epoch.png`` (unique detectors per epoch and layer).
-For linking: ``linking.{csv,md}`` (per classifier and layer: keep rate, held-out R², cycle agreement,
-fidelity, counterfactual success and steps) and ``linking_selective.csv`` (units selective per concept).
-"""
+Benjamini–Hochberg at q = 0.05 over all cells. For network dissection: ``dissection_layers.{csv,md}`` (detectors
+and unique detectors, both counting methods and per category, per model × layer at the last epoch, with the random-
+init and rotation baselines), ``dissection_epochs.{csv,md}`` and ``dissection_vs_epoch.png`` (unique detectors per
+epoch and layer). For linking: ``linking.{csv,md}`` (per classifier and layer: keep rate, held-out R², cycle
+agreement, fidelity, counterfactual success and steps) and ``linking_selective.csv`` (units selective per concept)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from scipy.stats import f_oneway, spearmanr
+from scipy.stats import binomtest, f_oneway, spearmanr
 
 from featurelens import plots
 from featurelens.results import read_results
@@ -57,6 +57,23 @@ def failure(job: Path) -> str:
     lines = [line for line in (job / "FAILED").read_text().splitlines() if line.strip()]
     reason = lines[-1] if lines else "no reason recorded"
     return f"{'diverged' if reason.startswith(('DivergedError', 'NonFiniteLossError')) else 'failed'} ({reason})"
+
+
+def at_chance(job: Path, alpha: float = 1e-3) -> str | None:
+    """Why a finished job's model counts as not trained (its best val accuracy is not above 1/C), else None.
+
+    Judged only where the job logged a validation accuracy and its data config names ``num_classes`` and
+    ``n_val`` (the embedded datasets); a run with no training epoch is not judged."""
+    metrics = json.loads((job / "metrics.json").read_text())
+    acc = metrics.get("val/acc_best", metrics.get("val/acc"))
+    data = OmegaConf.load(job / ".hydra" / "config.yaml").get("data", {})
+    n, classes = data.get("n_val"), data.get("num_classes")
+    if acc is None or not isinstance(n, int) or not isinstance(classes, int) or classes < 2 or n < 1:
+        return None
+    p = binomtest(round(acc * n), n, 1 / classes, alternative="greater").pvalue
+    if p <= alpha:
+        return None
+    return f"not trained: best val acc {acc:.3f} with {classes} classes on {n} images is not above chance (p = {p:.2g})"
 
 
 # never a setting: the seed is what the tables average over; the rest names where and how a job logged
@@ -500,6 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweeps", nargs="+", type=Path, help="sweep (multirun) directories")
     parser.add_argument("--out", type=Path, default=Path("outputs/tables"))
     parser.add_argument("--name", default="chirality_init", help="file stem of the chirality table")
+    parser.add_argument("--keep-untrained", action="store_true",
+                        help="keep jobs whose best val accuracy is not above chance")
     args = parser.parse_args(argv)
     missing = [str(d) for d in args.sweeps if not d.is_dir()]
     if missing:
@@ -508,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     jobs, failed = find_jobs(args.sweeps)
     for job in failed:
         print(f"skipping {failure(job)} job {job}", file=sys.stderr)
+    if not args.keep_untrained:
+        untrained = {job: why for job in jobs if (why := at_chance(job))}
+        for job, why in untrained.items():
+            print(f"skipping {why}: job {job} (--keep-untrained keeps it)", file=sys.stderr)
+        jobs = [job for job in jobs if job not in untrained]
     settings = Settings(jobs)
     print(f"rows grouped by model, data and the swept settings {settings.swept or '(none)'}; seeds averaged")
     written = []

@@ -16,17 +16,18 @@ make_tables = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(make_tables)
 
 
-def _job(root: Path, name: str, model: str, init: str, seed: int, acc: float, extra: tuple[str, ...] = ()) -> Path:
+def _job(root: Path, name: str, model: str, init: str, seed: int, acc: float, extra: tuple[str, ...] = (),
+         metrics: dict | None = None, data: dict | None = None) -> Path:
     """A finished job: composed config, overrides, metrics and one class-filters and chirality record."""
     job = root / name
     (job / ".hydra").mkdir(parents=True)
     method = {"kaiming": "kaiming_normal", "xavier": "xavier_normal"}[init]
     config = {"seed": seed, "model": {"arch": model}, "init": {"method": method},
-              "data": {"name": "shapes", "flip_aug": True}}
+              "data": {"name": "shapes", "flip_aug": True, **(data or {})}}
     (job / ".hydra/config.yaml").write_text(yaml.safe_dump(config))
     overrides = [f"model={model}", f"init={init}", f"seed={seed}", "logger=csv", *extra]
     (job / ".hydra/overrides.yaml").write_text(yaml.safe_dump(overrides))
-    (job / "metrics.json").write_text("{}")
+    (job / "metrics.json").write_text(json.dumps(metrics or {}))
     p = "class_filters/"
     records = {"class_filters": {"epoch": 3, p + "dim": 8, p + "acc_full": acc, p + "k5/acc_decomposed": acc / 2,
                                  p + "k8/acc_decomposed": acc, p + "depth": 5, p + "features_per_class": 2.0,
@@ -99,3 +100,21 @@ def test_the_init_anova_runs_per_model_and_flip_setting(grid, tmp_path):
     # C = 0.5 + acc/10: 0.58/0.581 (kaiming) vs 0.54/0.541 (xavier), so the init clearly matters here
     assert (anova.p < 1e-3).all() and not anova.init_does_not_matter.any()
     assert anova.range.tolist() == pytest.approx([0.04, 0.04])
+
+
+def test_jobs_whose_model_stayed_at_chance_are_left_out_and_named(tmp_path, capsys):
+    """10 classes, 1,000 val images: 0.85 is trained; 0.11 is within chance (binomial p ~ 0.16), 0.14 is not."""
+    sweep = tmp_path / "sweep"
+    data = {"num_classes": 10, "n_val": 1000}
+    for i, (model, init, best) in enumerate((("vgg16", "kaiming", 0.85), ("vgg16", "xavier", 0.11),
+                                             ("resnet50", "kaiming", 0.14))):
+        _job(sweep, str(i), model, init, seed=0, acc=best, metrics={"val/acc_best": best}, data=data)
+    jobs, _ = make_tables.find_jobs([sweep])
+    assert [make_tables.at_chance(j) is None for j in jobs] == [True, False, True]
+    assert "best val acc 0.110 with 10 classes on 1000 images" in make_tables.at_chance(jobs[1])
+    out = tmp_path / "tables"
+    assert make_tables.main([str(sweep), "--out", str(out)]) == 0
+    assert "skipping not trained: best val acc 0.110" in capsys.readouterr().err
+    assert sorted(pd.read_csv(out / "class_filters_k.csv").acc_full_mean.round(3).unique()) == [0.14, 0.85]
+    assert make_tables.main([str(sweep), "--out", str(out), "--keep-untrained"]) == 0
+    assert 0.11 in pd.read_csv(out / "class_filters_k.csv").acc_full_mean.round(3).tolist()
