@@ -196,3 +196,14 @@ def test_the_normalisation_of_embedded_data_needs_no_resized_splits(cfg_factory,
     full = build(cfg.data, input_size=112)
     full.setup("fit")
     assert (mean, std) == (full.mean, full.std) and len(mean) == cfg.data.channels
+
+
+@pytest.mark.parametrize(("script", "example"), [("train.py", "python train.py -m model=vgg16,resnet50"),
+                                                  ("analyze.py", "python analyze.py ckpt_path=")])
+def test_help_describes_the_app_its_groups_and_examples_without_the_config_dump(script, example):
+    res = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    text = res.stdout
+    assert example in text and "Config groups" in text and "README.md" in text
+    assert "model: alexnet, mlp, resnet18" in text and "analysis: chirality, class_filters" in text
+    assert len(text.splitlines()) < 40 and "_target_" not in text  # no config dump

@@ -257,3 +257,17 @@ def test_one_validation_epoch_above_the_bound_is_not_divergence_two_in_a_row_are
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["featurelens"]["val_over_bound"] == 2  # survives a resume
+
+
+@pytest.mark.parametrize("ignore", [True, False])
+def test_a_run_starts_with_its_summary_and_without_the_known_third_party_noise(tmp_path, ignore):
+    tiny = [o for o in TINY if not o.startswith("analysis.")]
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny, "trainer.max_epochs=1", "analysis=none",
+                          "test=false", f"hydra.run.dir={tmp_path}", f"extras.ignore_warnings={str(ignore).lower()}"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "config: model=small_cnn init=default data=shapes" in out and "analyses: none" in out
+    assert "seed 0, 1 epochs" in out and f"outputs: {tmp_path}" in out
+    # Lightning's litlogger advert and its LeafSpec deprecation warning: hidden only by the switch
+    assert ("💡 Tip:" in out, "LeafSpec" in out) == ((False, False) if ignore else (True, True))

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,56 @@ def build_loggers(cfg: DictConfig) -> list[Logger]:
     return loggers
 
 
+# Known third-party output with nothing for a user to act on, hidden while ``extras.ignore_warnings`` is on:
+# (category, message regex) of warnings, and (logger name, message prefix) of log records.
+NOISE_WARNINGS = ((FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),)  # Lightning on torch 2.14
+NOISE_LOGS = (("pytorch_lightning.utilities.rank_zero", "💡 Tip:"),)  # Lightning's litlogger advert
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    """``cfg.extras``: hide the known third-party noise (``ignore_warnings``) and log what this run is
+    (``print_config``: the composed config choices, the analyses on and the output dir)."""
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings", True):
+        for category, pattern in NOISE_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern, category=category)
+        for name, prefix in NOISE_LOGS:
+            target = logging.getLogger(name)
+            if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in target.filters):
+                target.addFilter(_DropPrefix(prefix))
+    if extras.get("print_config", True):
+        log.info("%s", run_summary(cfg))
+
+
+def run_summary(cfg: DictConfig) -> str:
+    """A few lines naming the run: the config group choices and overrides, the analyses, the output dir."""
+    lines = []
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        # Hydra lists the choices last-composed first
+        choices = {k: v for k, v in reversed(hc.runtime.choices.items()) if not k.startswith("hydra") and v is not None}
+        lines.append("config: " + " ".join(f"{k}={v}" for k, v in choices.items()))
+        if hc.overrides.task:
+            lines.append("overrides: " + " ".join(hc.overrides.task))
+    training = "trainer" in cfg
+    analyses = [name + (f" (every {node.get('every_n_epochs', 1)} epochs)" if training else "") for name, node in
+                (cfg.get("analysis") or {}).items() if isinstance(node, DictConfig) and "_target_" in node]
+    lines.append("analyses: " + (", ".join(analyses) or "none"))
+    if training:
+        lines.append(f"seed {cfg.get('seed')}, {cfg.trainer.get('max_epochs')} epochs")
+    lines.append(f"outputs: {cfg.paths.output_dir}")
+    return "\n  ".join(lines)
+
+
 _IN_TASK = False  # True while run_task runs a job: errors outside it come from Hydra composing the config
 
 
@@ -243,6 +294,7 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig) -> float | Non
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     _IN_TASK = True
     try:
+        apply_extras(cfg)
         metrics = task(cfg)
         value = metrics.get(cfg.get("optimized_metric", ""))
         return float(value) if value is not None else None
