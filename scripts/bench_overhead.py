@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from featurelens.callbacks import AnalysisCallback, AnalysisContext, ChiralityCallback, ClassFiltersCallback
+from featurelens.callbacks import AnalysisCallback, AnalysisContext, ChiralityCallback
 from featurelens.data import ImageDataModule
 from featurelens.module import Classifier
 from featurelens.runtime import CONF_DIR
@@ -147,7 +147,7 @@ def main() -> None:
     print(f"| **chirality as configured by default, per epoch (kernels every epoch, feature maps every 5th)** "
           f"| {per_epoch:.3f} | **{100 * per_epoch / epoch_s:.1f}%** |")
     for n_per_class, cache_mb in ((100, 64), (100, 0), (None, 64)):
-        cb = ClassFiltersCallback(n_per_class=n_per_class, cache_mb=cache_mb)
+        cb = AnalysisCallback(analysis="class_filters", n_per_class=n_per_class, cache_mb=cache_mb)
         s = analysis_seconds(cb, net, dm, args.device)
         label = (f"class_filters: selection over {n_per_class or 'all'} training images per class "
                  f"({'features cached for the fractional pass' if cache_mb else 'second forward pass'}) "

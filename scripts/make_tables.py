@@ -37,10 +37,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
-from scipy.stats import binomtest, f_oneway, spearmanr
+from scipy.stats import binomtest, f_oneway
 
 from featurelens import plots
+from featurelens.api import REGISTRY
 from featurelens.results import read_results
+from featurelens.tables import mean_sd, without_empty_setting
 
 
 def find_jobs(sweep_dirs: list[Path]) -> tuple[list[Path], list[Path]]:
@@ -139,18 +141,6 @@ def chirality_frame(jobs: list[Path], settings: Settings) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _without_empty_setting(table: pd.DataFrame) -> pd.DataFrame:
-    """Drop the ``setting`` column when nothing but the tables' own columns was swept."""
-    return table.drop(columns="setting") if "setting" in table and (table["setting"] == "").all() else table
-
-
-def _mean_sd(s: pd.Series, fmt: str = ".4f") -> str:
-    s = s.dropna()
-    if s.empty:
-        return "–"
-    return f"{s.mean():{fmt}} ± {s.std(ddof=1):{fmt}}" if len(s) > 1 else f"{s.mean():{fmt}}"
-
-
 def holm(pvalues: list[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values."""
     order = np.argsort(pvalues)
@@ -179,7 +169,7 @@ def init_anova(final: pd.DataFrame) -> pd.DataFrame:
         rows.append({"model": model, "flip_aug": flip_aug, "setting": setting, "F": res.statistic, "p": res.pvalue,
                      "eta2": ss_between / ss_total if ss_total > 0 else np.nan,
                      "range": max(means) - min(means), "range_limit": max(0.01, 4 * s_w / np.sqrt(n))})
-    table = _without_empty_setting(pd.DataFrame(rows))
+    table = without_empty_setting(pd.DataFrame(rows))
     if not table.empty:
         table["p_holm"] = holm(table["p"].tolist())
         table["init_does_not_matter"] = (table["p_holm"] >= 0.05) & (table["range"] <= table["range_limit"])
@@ -200,12 +190,12 @@ def chirality_tables(frame: pd.DataFrame, settings: Settings, out: Path, name: s
                      "C_final_mean": g["C"].mean(), "C_final_sd": g["C"].std(ddof=1) if len(g) > 1 else np.nan,
                      "C_pooled_final": g["C_pooled"].mean(), "C_norm_final": g["C_norm"].mean(),
                      "val_acc_final": g["val_acc"].mean(),
-                     "C_init": _mean_sd(g0["C"]) if len(g0) else "–", "C_final": _mean_sd(g["C"]),
-                     "val_acc": _mean_sd(g["val_acc"])})
+                     "C_init": mean_sd(g0["C"]) if len(g0) else "–", "C_final": mean_sd(g["C"]),
+                     "val_acc": mean_sd(g["val_acc"])})
     table = pd.DataFrame(rows)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / f"{name}.csv", out / f"{name}.md"]
-    table = _without_empty_setting(table)
+    table = without_empty_setting(table)
     table.drop(columns=["C_init", "C_final", "val_acc"]).to_csv(written[0], index=False)
     shown = [k for k in keys if k in table]
     md = ["# Feature chirality at init and after training (mean ± sd over seeds)", "",
@@ -236,11 +226,11 @@ def chirality_figure(frame: pd.DataFrame, path: Path) -> Path:
                            title="Feature chirality during training, one line per init", bands=bands)
 
 
-def class_filters_frame(jobs: list[Path], settings: Settings) -> pd.DataFrame:
-    """One row per job: the final epoch's class-filter values, with model, depth and seed."""
+def final_frame(jobs: list[Path], settings: Settings, name: str) -> pd.DataFrame:
+    """One row per job: the scalars of analysis ``name``'s final epoch, with model, setting and seed."""
     rows = []
-    p = "class_filters/"
-    for job, cfg, records in analysed_jobs(jobs, "class_filters"):
+    p = f"{name}/"
+    for job, cfg, records in analysed_jobs(jobs, name):
         last = records[-1]
         channels = cfg.model.get("channels")
         model = cfg.model.arch + (f"[{len(channels)} conv]" if channels is not None else "")
@@ -248,63 +238,6 @@ def class_filters_frame(jobs: list[Path], settings: Settings) -> pd.DataFrame:
                      "epoch": last["epoch"], **{k.removeprefix(p): v for k, v in last.items()
                         if k.startswith(p) and isinstance(v, int | float)}})
     return pd.DataFrame(rows)
-
-
-def class_filters_tables(frame: pd.DataFrame, settings: Settings, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    k_cols = sorted((c for c in frame.columns if c.startswith("k") and c.endswith("/acc_decomposed")),
-                    key=lambda c: int(c.split("/")[0][1:]))
-    rows = []
-    for (model, setting), g in frame.groupby(["model", "setting"]):
-        for col in k_cols:
-            if g[col].notna().any():
-                rows.append({"model": model, "setting": setting, "D": int(g["dim"].iloc[0]),
-                             "k": int(col.split("/")[0][1:]),
-                             "n_seeds": g.seed.nunique(), "acc_full": _mean_sd(g["acc_full"]),
-                             "acc_decomposed": _mean_sd(g[col]),
-                             "acc_decomposed_mean": g[col].mean(), "acc_full_mean": g["acc_full"].mean()})
-    k_table = pd.DataFrame(rows)
-    default_cols = ["k", "union", "overlap_mean", "jaccard_mean", "mi_incl_self", "mi_excl_self", "mac_reduction",
-                    "mass_topk", "noise/acc_at_S", "noise/acc_at_rest", "stability"]
-    groups = ["model", "setting"]
-    at_default = _without_empty_setting(frame.groupby(groups)[[c for c in default_cols if c in frame]].mean()
-                                        .reset_index())
-    series = {f"{m} ({st})" if st else m: g.sort_values("k")["acc_decomposed_mean"].to_numpy()
-              for (m, st), g in k_table.groupby(groups)}
-    xs = sorted(k_table.k.unique())
-    same_ks = k_table.groupby(groups).k.apply(list).map(lambda ks: ks == xs).all()
-    k_table = _without_empty_setting(k_table)
-    shown = [c for c in ("model", "setting") if c in k_table]
-    k_table.drop(columns=["acc_full", "acc_decomposed"]).to_csv(out / "class_filters_k.csv", index=False)
-    (out / "class_filters_k.md").write_text("\n".join([
-        "# Decomposed final layer: accuracy per k (mean ± sd over seeds; no retraining)", "",
-        settings.line(["model"]), "",
-        k_table[[*shown, "D", "k", "n_seeds", "acc_full", "acc_decomposed"]].to_markdown(index=False), "",
-        "## Sets at the default k (means over seeds)", "",
-        at_default.to_markdown(index=False, floatfmt=".4g"), ""]))
-    written += [out / "class_filters_k.csv", out / "class_filters_k.md"]
-    if len(series) == 1 or same_ks:
-        written.append(plots.line_plot(xs, series, out / "class_filters_acc_vs_k.png", xlabel="k (features per class)",
-                                       ylabel="accuracy, decomposed head", title="Decomposed head vs k"))
-
-    depth_cols = ["dim", "depth", "features_per_class", "set_size_mean", "psi/penultimate", "acc_full",
-                  "acc_decomposed", "union", "overlap_mean"]
-    depth = _without_empty_setting(frame.groupby(groups)[[c for c in depth_cols if c in frame]].mean().reset_index())
-    depth["features_per_class_over_D"] = depth["features_per_class"] / depth["dim"]
-    depth = depth.sort_values("depth")
-    lines = ["# Features per class against depth (final epoch, mean over seeds)", "", settings.line(["model"]), "",
-             depth.to_markdown(index=False, floatfmt=".4g"), ""]
-    if depth["depth"].nunique() >= 3:
-        for col, reading in (("features_per_class", "absolute count K(0.5)"),
-                             ("features_per_class_over_D", "share of the layer K(0.5)/D")):
-            rho = spearmanr(depth["depth"], depth[col]).statistic
-            lines.append(f"- Spearman(depth, {reading}) = {rho:.3f} over {len(depth)} models")
-    else:
-        lines.append("- fewer than 3 depths: no correlation reported")
-    depth.to_csv(out / "class_filters_depth.csv", index=False)
-    (out / "class_filters_depth.md").write_text("\n".join(lines) + "\n")
-    return [*written, out / "class_filters_depth.csv", out / "class_filters_depth.md"]
 
 
 SPEC_STATS = {  # cell statistic -> (record key under specialization/weights/, subclusters part, p column)
@@ -364,7 +297,7 @@ def specialization_tables(frame: pd.DataFrame, settings: Settings, out: Path) ->
                    "bn_folded": bn_folded,
                    "n_seeds": g.seed.nunique()}
             if has_ncut:
-                row["ncut"] = _mean_sd(g[w + "ncut"])
+                row["ncut"] = mean_sd(g[w + "ncut"])
             if w + "ncut_z" in g and g[w + "ncut_z"].notna().any():
                 row.update(ncut_z=g[w + "ncut_z"].mean(), ncut_percentile=g[w + "ncut_percentile"].mean())
                 if w + "ncut_z_seed_std" in g:
@@ -377,7 +310,7 @@ def specialization_tables(frame: pd.DataFrame, settings: Settings, out: Path) ->
                     row[f"{stat}/p"] = bates_cdf(pbar, int(g[w + key].notna().sum()))
                     row[f"{stat}/frac_significant"] = g[f"{w}{stat}/frac_significant"].mean()
             rows.append(row)
-    table = _without_empty_setting(pd.DataFrame(rows))
+    table = without_empty_setting(pd.DataFrame(rows))
     p_cols = [c for c in table.columns if c.endswith("/p")]
     lines = ["# Local specialization: weight and activation partitions at init and after training", "",
              "bn_folded: whether BN scales were folded into the weight graph (weights_unfolded: the raw kernels, "
@@ -436,15 +369,15 @@ def dissection_tables(frame: pd.DataFrame, settings: Settings, out: Path) -> lis
     rows = []
     for (model, data, setting, layer), g in last.groupby(["model", "data", "setting", "layer"], sort=False):
         row = {"model": model, "data": data, "setting": setting, "layer": layer, "n_seeds": g.seed.nunique(),
-               "detectors": _mean_sd(g.detectors, ".1f"), "unique_A": _mean_sd(g.unique_A, ".1f"),
-               "unique_B": _mean_sd(g.unique_B, ".1f"), **{f"B/{c}": g[f"B/{c}"].mean() for c in DISSECTION_CATS}}
+               "detectors": mean_sd(g.detectors, ".1f"), "unique_A": mean_sd(g.unique_A, ".1f"),
+               "unique_B": mean_sd(g.unique_B, ".1f"), **{f"B/{c}": g[f"B/{c}"].mean() for c in DISSECTION_CATS}}
         baselines = [c for c in g.columns if c.startswith(("random_init", "alpha_"))]
         for col in sorted(baselines, key=lambda c: (c.startswith("alpha_"), float(c.split("_")[1]) if
                                                     c.startswith("alpha_") else 0.0)):
             if g[col].notna().any():
                 row[col] = g[col].mean()
         rows.append(row)
-    layers = _without_empty_setting(pd.DataFrame(rows))
+    layers = without_empty_setting(pd.DataFrame(rows))
     epochs = (frame.groupby(["model", "data", "setting", "layer", "epoch"], sort=False)[
         ["unique_A", "unique_B", "detectors"]].mean().reset_index())
     header = ["# Network dissection: interpretable units per layer (last epoch)", "",
@@ -460,7 +393,7 @@ def dissection_tables(frame: pd.DataFrame, settings: Settings, out: Path) -> lis
                                              + epochs.to_markdown(index=False, floatfmt=".3g") + "\n")
     series = {f"{m} {lay} ({d}{', ' + st if st else ''})": g.sort_values("epoch").unique_A.tolist()
               for (m, d, st, lay), g in epochs.groupby(["model", "data", "setting", "layer"], sort=False)}
-    epochs = _without_empty_setting(epochs)
+    epochs = without_empty_setting(epochs)
     plots.line_plot(sorted(epochs.epoch.unique()), series, out / "dissection_vs_epoch.png", xlabel="epoch",
                     ylabel="unique detectors (method A)", title="Interpretable units during training")
     return [out / "dissection_layers.csv", out / "dissection_layers.md", out / "dissection_epochs.csv",
@@ -493,8 +426,8 @@ def linking_tables(frame: pd.DataFrame, selective: pd.DataFrame, settings: Setti
     rows = []
     for (model, data, setting, layer), g in frame.groupby(["model", "data", "setting", "layer"], sort=False):
         rows.append({"model": model, "data": data, "setting": setting, "layer": layer, "n_seeds": g.seed.nunique(),
-                     **{k: _mean_sd(g[k].astype(float)) for k in LINKING_KEYS}})
-    table = _without_empty_setting(pd.DataFrame(rows))
+                     **{k: mean_sd(g[k].astype(float)) for k in LINKING_KEYS}})
+    table = without_empty_setting(pd.DataFrame(rows))
     table.to_csv(out / "linking.csv", index=False)
     lines = ["# Linking classifier features to a generator (last analysed epoch, mean ± sd over seeds)", "",
              "R² is on held-out pairs that passed the keep filter; cycle_top1: argmax E(G(L(E(x)))) = argmax E(x);",
@@ -538,9 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     frame = chirality_frame(jobs, settings)
     if not frame.empty:
         written += chirality_tables(frame, settings, args.out, args.name)
-    cf_frame = class_filters_frame(jobs, settings)
-    if not cf_frame.empty:
-        written += class_filters_tables(cf_frame, settings, args.out)
+    for name, analysis in REGISTRY.items():
+        final = final_frame(jobs, settings, name)
+        if not final.empty:
+            written += analysis.tables(final, settings.line, args.out)
     spec_frame = specialization_frame(jobs, settings)
     if not spec_frame.empty:
         written += specialization_tables(spec_frame, settings, args.out)

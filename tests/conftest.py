@@ -22,6 +22,8 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
+import featurelens.runtime  # noqa: E402,F401  (registers the analyses' configs in Hydra's ConfigStore)
+
 torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from featurelens.analysis.base import Loaders
+from featurelens.analysis.class_filters import ClassFilters, MaskedLinear
 from featurelens.analyze import analyze
-from featurelens.callbacks import AnalysisContext, ClassFiltersCallback
 from featurelens.errors import ConfigError
 from featurelens.results import read_results
 from featurelens.train import train
@@ -79,16 +80,13 @@ def test_recomputed_fractional_pass_equals_the_cached_one(trained, cfg_factory):
         assert record[key] == last[key], key
 
 
-def test_model_without_a_linear_head_is_a_clear_error(tmp_path):
+def test_model_without_a_linear_head_is_a_clear_error():
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    ctx = AnalysisContext(tmp_path, 0, 0, datamodule=object())
     with pytest.raises(ConfigError, match="Sequential"):
-        ClassFiltersCallback().compute(net, ctx)
+        ClassFilters().run(net, Loaders([]))
 
 
 def test_masked_head_keeps_unselected_weights_out(tmp_path):
-    from featurelens.callbacks.class_filters import MaskedLinear
-
     head = nn.Linear(4, 2)
     mask = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 0]], dtype=torch.bool)
     masked = MaskedLinear(head, mask)

@@ -14,13 +14,16 @@ from conftest import CONF, ROOT
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from featurelens.api import REGISTRY
 from featurelens.errors import ConfigError
 from featurelens.runtime import validate_config
 from featurelens.train import build_net
 
 
 def _options(group: str) -> list[str]:
-    return sorted(p.stem for p in (Path(CONF) / group).glob("*.yaml"))
+    """The group's yaml options, and for ``analysis`` the registered analyses (from Hydra's ConfigStore)."""
+    registered = list(REGISTRY) if group == "analysis" else []
+    return sorted({p.stem for p in (Path(CONF) / group).glob("*.yaml")} | set(registered))
 
 
 @pytest.mark.parametrize("group", ["init", "data", "optimizer", "scheduler", "trainer", "logger", "analysis"])

@@ -8,7 +8,6 @@ values (negative entries present).
 from __future__ import annotations
 
 import copy
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -16,8 +15,8 @@ from torch import nn
 
 from featurelens.analysis import chirality, dissection
 from featurelens.analysis import specialization as spec
+from featurelens.analysis.class_filters import ClassFilters
 from featurelens.analysis.hooks import eval_mode, record_outputs, recorded, run_forward
-from featurelens.callbacks import ClassFiltersCallback
 from featurelens.models.builders import MLP, SmallCNN
 
 
@@ -79,13 +78,12 @@ def test_class_filter_layer_features_are_pre_relu_means():
     torch.manual_seed(0)
     net = SmallCNN(3, [4, 6], num_classes=3, batch_norm=False).eval()
     batches = [(torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1]))]
-    ctx = SimpleNamespace(datamodule=SimpleNamespace(loader=lambda ds, bs, shard: ds), device="cpu", shard=None)
-    cb = ClassFiltersCallback(psi_layers=["features.0"])
+    analysis = ClassFilters(psi_layers=["features.0"])
     results = []
     for model in (net, _out_of_place_twin(net)):
         modules = {"__head__": model.classifier, "features.0": model.features[0]}
         with torch.no_grad():
-            results.append([p["features.0"] for _, p, _ in cb._batches(model, ctx, batches, modules)])
+            results.append([p["features.0"] for _, p, _ in analysis._batches(model, batches, modules, "cpu")])
     with torch.no_grad():
         want = net.features[0](batches[0][0]).mean((2, 3))
     assert (want < 0).any()

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from featurelens.analysis.class_filters import ClassFilters, ClassFiltersResult, FinetuneConfig, decomposed_model
 from featurelens.callbacks import AnalysisCallback, AnalysisContext
 from featurelens.checkpoints import check_same_data, read_checkpoint
 from featurelens.errors import ConfigError
@@ -49,6 +50,40 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, dict[str, Any], int, i
     return net, {**OmegaConf.to_container(cfg.data, resolve=True), "input_size": input_size}, 0, 0
 
 
+def finetune_decomposed(model: torch.nn.Module, result: ClassFiltersResult, finetune: FinetuneConfig, out_dir: Path,
+                        ctx: AnalysisContext) -> list[float]:
+    """Fine-tune the class-filter decomposed model (the spec's decomposed softmax) as its own fit: the head is a
+    ``MaskedLinear`` from W and b with the default-k mask of ``result`` fixed (``finetune.head_only`` freezes the
+    backbone). Returns the val accuracy per epoch, also in ``<out_dir>/finetune.json``."""
+    net = decomposed_model(model, result.values["head"], result.mask, finetune.head_only)
+    module = Classifier({"num_classes": result.values["num_classes"]},
+                        {"_target_": "torch.optim.Adam", "_partial_": True, "lr": finetune.lr}, net=net)
+    recorder = _FinetuneRecorder(out_dir)
+    trainer = pl.Trainer(max_epochs=finetune.epochs, logger=ctx.loggers or False, enable_checkpointing=False,
+                         default_root_dir=str(out_dir / "finetune"), callbacks=[recorder], num_sanity_val_steps=0,
+                         accelerator="auto", devices=1)
+    trainer.fit(module, datamodule=ctx.datamodule)
+    return recorder.accuracies
+
+
+class _FinetuneRecorder(pl.Callback):
+    """Logs ``class_filters/ft/acc_decomposed`` after every fine-tuning epoch and keeps a JSON copy."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir, self.accuracies = out_dir, []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or "val/acc" not in trainer.callback_metrics:
+            return
+        acc = float(trainer.callback_metrics["val/acc"])
+        self.accuracies.append(acc)
+        for lg in trainer.loggers:
+            lg.log_metrics({"class_filters/ft/acc_decomposed": acc, "class_filters/ft/epoch": len(self.accuracies)},
+                           step=trainer.global_step)
+        if trainer.is_global_zero:
+            write_json(self.out_dir / "finetune.json", {"val_acc_per_epoch": self.accuracies})
+
+
 def analyze(cfg: DictConfig) -> dict[str, Any]:
     """Run every configured analysis once on the model; returns {analysis name: record}."""
     validate_config(cfg)
@@ -73,8 +108,8 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, probe=probe, datamodule=datamodule,
                               device=device)
         records[cb.name] = cb.run_once(net, ctx)
-        if getattr(cb, "finetune", {}).get("enabled"):
-            accs = cb.run_finetune(net, ctx)
+        if isinstance(cb.analysis, ClassFilters) and cb.analysis.config.finetune.enabled:
+            accs = finetune_decomposed(net, cb.result, cb.analysis.config.finetune, cb.out_dir, ctx)
             log.info("%s: fine-tuned decomposed model, val acc per epoch %s", cb.name, accs)
         log.info("%s: results in %s", cb.name, cb.out_dir)
     for lg in loggers:

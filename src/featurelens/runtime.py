@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -20,6 +21,7 @@ from typing import Any
 import hydra
 import hydra._internal.utils as hydra_utils  # run_and_report: how Hydra reports a config it cannot compose
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException, OverrideParseException
 from hydra.types import RunMode
@@ -28,12 +30,28 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 from pytorch_lightning.loggers import Logger
 
+from featurelens.api import REGISTRY
 from featurelens.data import DATASETS
 from featurelens.errors import ConfigError, DiskFullError, RunError
 from featurelens.models import ARCHS, INIT_METHODS
 
 log = logging.getLogger("featurelens")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/ (editable install)
+
+
+def register_configs() -> None:
+    """Make every registered analysis an option of the ``analysis`` group: ``analysis=<name>`` composes its
+    ``Config`` dataclass (the one place of its defaults; typed, so a bad type or unknown key fails at compose
+    time) under ``analysis.<name>``, with the schedule (``every_n_epochs``) and the generic callback as target."""
+    store = ConfigStore.instance()
+    for name, cls in REGISTRY.items():
+        node = dataclasses.make_dataclass(f"{cls.Config.__name__}Node", [
+            ("_target_", str, "featurelens.callbacks.AnalysisCallback"), ("_convert_", str, "all"),
+            ("analysis", str, name), ("every_n_epochs", int, 1)], bases=(cls.Config,))
+        store.store(group="analysis", name=name, node={name: node})
+
+
+register_configs()
 
 
 def _split_overrides(overrides: str) -> list[str]:

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -83,6 +84,15 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[None]:
+    """What every analysis runs under: :func:`eval_mode`, no gradients, a forked RNG (the global torch RNG, and
+    the current CUDA device's, are as before afterwards), so that analysing never perturbs training."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad(), eval_mode(model):
+        yield
 
 
 def find_head(model: nn.Module, num_classes: int | None = None,

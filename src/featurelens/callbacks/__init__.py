@@ -1,11 +1,11 @@
-"""Thin Lightning callbacks around the analyses in ``featurelens.analysis``."""
+"""Lightning callbacks that run the analyses in ``featurelens.analysis``: the generic one for registered
+analyses, and the subclasses of those not yet registered."""
 
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext
 from featurelens.callbacks.chirality import ChiralityCallback
-from featurelens.callbacks.class_filters import ClassFiltersCallback
 from featurelens.callbacks.dissection import DissectionCallback
 from featurelens.callbacks.linking import LinkingCallback
 from featurelens.callbacks.specialization import SpecializationCallback
 
-__all__ = ["AnalysisCallback", "AnalysisContext", "ChiralityCallback", "ClassFiltersCallback", "DissectionCallback",
+__all__ = ["AnalysisCallback", "AnalysisContext", "ChiralityCallback", "DissectionCallback",
            "LinkingCallback", "SpecializationCallback"]

@@ -1,8 +1,10 @@
 """The analysis-callback framework: when analyses run, where their results go, how they survive a resume.
 
-An analysis is a plain function in ``featurelens.analysis``; its callback subclasses
-:class:`AnalysisCallback` and implements :meth:`compute` (scalars) and optionally :meth:`report`
-(figures, tables) and :meth:`summarize` (end-of-run scalars). The base class
+A registered analysis (``featurelens.analysis.base``) runs in this generic callback as
+``AnalysisCallback(analysis=<name>, every_n_epochs=…, **its config)``, the node ``analysis=<name>`` composes;
+its state (``Analysis.state_dict``) is checkpointed with the callback. Analyses not yet registered subclass
+:class:`AnalysisCallback` and implement :meth:`compute` (scalars) and optionally :meth:`report` (figures,
+tables) and :meth:`summarize` (end-of-run scalars). The base class
 
 - runs it at epoch 0 (``on_train_start``, before any optimiser step) and after every ``every_n_epochs``-th
   epoch (``on_validation_end``, after the epoch's validation metrics exist and before ``ModelCheckpoint``
@@ -21,10 +23,9 @@ An analysis is a plain function in ``featurelens.analysis``; its callback subcla
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,9 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
 
-from featurelens.analysis.hooks import eval_mode
+from featurelens.analysis.base import Analysis, Result
+from featurelens.analysis.hooks import analysis_mode
+from featurelens.api import get as get_analysis
 from featurelens.results import ResultsFile, jsonable, write_json
 
 log = logging.getLogger("featurelens")
@@ -55,14 +58,6 @@ class AnalysisContext:
     datamodule: Any = None  # the ImageDataModule, for analyses that stream over a split
     shard: tuple[int, int] = (0, 1)  # (rank, world size): streaming analyses split their data across ranks
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-
-@contextlib.contextmanager
-def analysis_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no gradients, forked RNG; the model's train/eval flags are restored afterwards."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad(), eval_mode(model):
-        yield
 
 
 def model_preprocess(ctx: AnalysisContext) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -102,8 +97,17 @@ class AnalysisCallback(pl.Callback):
     #: the keys of :meth:`compute`'s values that the per-epoch log line shows
     headline: tuple[str, ...] = ()
 
-    def __init__(self, every_n_epochs: int = 1, probe_size: int = 500, probe_seed: int = 0):
+    def __init__(self, every_n_epochs: int = 1, probe_size: int = 500, probe_seed: int = 0, *,
+                 analysis: str | None = None, **params: Any):
         super().__init__()
+        self.analysis: Analysis | None = None
+        if analysis is not None:
+            cls = get_analysis(analysis)
+            self.analysis = cls(**params)
+            self.name, self.headline, self.rank_zero_only = cls.name, cls.headline, not cls.sharded
+        elif params:
+            raise TypeError(f"unexpected parameters {sorted(params)} (no registered analysis given)")
+        self.result: Result | None = None  # a registered analysis' last typed result
         self.every_n_epochs = every_n_epochs
         self.probe_size, self.probe_seed = probe_size, probe_seed
         self.history: list[dict[str, Any]] = []
@@ -113,10 +117,24 @@ class AnalysisCallback(pl.Callback):
     # ------------------------------------------------------------------ subclass API
     def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
         """Return the analysis values for this epoch; scalars (floats) are logged, other values kept."""
-        raise NotImplementedError
+        if self.analysis is None:
+            raise NotImplementedError
+        if ctx.datamodule is None:
+            raise RuntimeError(f"{self.name} needs the data module (training or validation images)")
+        self.result = self.analysis.run(model, ctx.datamodule, epoch=ctx.epoch, shard=ctx.shard)
+        return self.result.values
 
     def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
-        """Write figures and tables for this epoch (optional)."""
+        """Write figures and tables for this epoch (optional); a registered analysis' tables and figures go to
+        W&B as well."""
+        if self.analysis is None or self.result is None:
+            return
+        written = self.analysis.report(self.result, self.out_dir, final=ctx.final)
+        for lg in wandb_loggers(ctx.loggers):
+            for key, (columns, rows) in written.tables.items():
+                lg.log_table(key=f"{self.name}/{key}", columns=columns, data=rows, step=ctx.step)
+            for key, path in written.figures.items():
+                lg.log_image(key=f"{self.name}/{key}", images=[str(path)], step=ctx.step)
 
     def summarize(self, ctx: AnalysisContext) -> dict[str, float]:
         """End-of-run scalars computed from ``history`` (optional)."""
@@ -228,8 +246,14 @@ class AnalysisCallback(pl.Callback):
         if trainer.is_global_zero and self.history:
             self.finish(self._context(trainer, pl_module, self.history[-1]["epoch"]))
 
+    @property
+    def state_key(self) -> str:  # one generic callback per registered analysis, each with its own state
+        return self._generate_state_key(analysis=self.name) if self.analysis is not None else super().state_key
+
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        return {"history": self.history, **({"analysis": self.analysis.state_dict()} if self.analysis else {})}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
+        if self.analysis is not None and "analysis" in state_dict:
+            self.analysis.load_state_dict(state_dict["analysis"])

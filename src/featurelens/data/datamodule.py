@@ -327,6 +327,17 @@ class ImageDataModule(pl.LightningDataModule):
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=False,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
+    def batches(self, split: str, batch_size: int | None = None, shard: tuple[int, int] = (0, 1),
+                n_per_class: int | None = None, seed: int = 0) -> DataLoader:
+        """An analysis' data (``featurelens.analysis.base``): the training images without augmentation (up to
+        ``n_per_class`` seeded ones of each class) or the validation split, unshuffled, this rank's shard."""
+        if split == "train":
+            return self.loader(self.class_subset(n_per_class, seed), batch_size, shard)
+        if split == "val":
+            self.setup("fit")
+            return self.loader(self.val_set, batch_size, shard)
+        raise ValueError(f"split={split!r}; valid: ['train', 'val']")
+
     def class_subset(self, n_per_class: int | None, seed: int = 0) -> Dataset:
         """Up to ``n_per_class`` seeded training images of every class, without augmentation (all if None)."""
         self.setup("fit")

@@ -1,4 +1,4 @@
-"""Class-specific filters and the decomposed final layer (spec: ``shared/spec/class_filters.md``).
+"""Class-specific filters: the statistics and selections of the method (spec: ``shared/spec/class_filters.md``).
 
 Background: Badola et al., "Decomposing the Deep: Finding Class Specific Filters in Deep CNNs"
 (arXiv 2112.07719).  The formulas follow the spec; nothing here is copied from the authors' code.

@@ -1,0 +1,164 @@
+"""The one shape every analysis has, without Lightning, Hydra or W&B.
+
+An analysis is a subclass of :class:`Analysis`, registered with :func:`register`:
+
+- ``Config``: a dataclass, the single source of the analysis' parameters, their defaults and their checks
+  (``__post_init__`` raises :class:`~featurelens.errors.ConfigError` naming the key); ``featurelens.runtime``
+  registers it in Hydra's ConfigStore, so ``analysis=<name>`` composes it and ``--cfg job`` shows it;
+- ``run(model, data, epoch=, shard=)``: the whole method, returning a :class:`Result`; it keeps what the next
+  epoch needs (e.g. the previous sets) in ``state_dict()``, which the training callback checkpoints;
+- ``report(result, out_dir)``: its figures and files, returned as a :class:`Report` so that a logger can show
+  them too;
+- ``tables(frame, grouped_by, out)``: the sweep tables ``scripts/make_tables.py`` writes from the final records.
+
+``data`` is anything with ``batches(split, batch_size=None, shard=(0, 1), n_per_class=None, seed=0)`` yielding
+``(images, labels)`` batches of the model's inputs: ``split="train"`` the training images without augmentation
+(up to ``n_per_class`` of each class), ``"val"`` the images it scores. ``featurelens.data.ImageDataModule`` is
+one; :class:`Loaders` makes one of plain iterables (a notebook's DataLoaders).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+from featurelens.errors import ConfigError
+
+
+class Data(Protocol):
+    def batches(self, split: str, batch_size: int | None = None, shard: tuple[int, int] = (0, 1),
+                n_per_class: int | None = None, seed: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass
+class Loaders:
+    """Plain iterables of ``(images, labels)`` batches as an analysis' data: ``train`` for what it selects or
+    fits on, ``val`` for what it scores (default: ``train``). Images are the model's inputs (already resized and
+    normalised). ``n_per_class`` keeps the first images of each class in the iterable's order (``seed`` is not
+    used); batch size and order are the iterables' own, and one process reads everything (``shard`` ignored)."""
+
+    train: Iterable
+    val: Iterable | None = None
+
+    def batches(self, split: str, batch_size: int | None = None, shard: tuple[int, int] = (0, 1),
+                n_per_class: int | None = None, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if split not in ("train", "val"):
+            raise ValueError(f"split={split!r}; valid: ['train', 'val']")
+        source = self.val if split == "val" and self.val is not None else self.train
+        seen: dict[int, int] = {}
+        for x, y in source:
+            y = torch.as_tensor(y)
+            if n_per_class is not None:
+                keep = torch.zeros(len(y), dtype=torch.bool)
+                for i, c in enumerate(y.tolist()):
+                    keep[i] = seen.get(c, 0) < n_per_class
+                    seen[c] = seen.get(c, 0) + int(keep[i])
+                if not keep.any():
+                    continue
+                x, y = x[keep], y[keep]
+            yield x, y
+
+
+@dataclass
+class Report:
+    """What :meth:`Analysis.report` wrote: every file, and the tables (name -> (columns, rows)) and figures
+    (name -> png path) that a logger may show as well."""
+
+    files: list[Path] = field(default_factory=list)
+    tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """One analysed epoch: ``values`` holds every number (floats are the logged scalars) and list the method
+    produced, under the keys the results file stores them by (``<name>/<key>``)."""
+
+    name: ClassVar[str] = "analysis"
+    epoch: int
+    values: dict[str, Any]
+
+    def scalars(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    def record(self) -> dict[str, Any]:
+        """The values as the results file and the loggers name them: ``<analysis>/<key>``."""
+        return {f"{self.name}/{k}": v for k, v in self.values.items()}
+
+    def to_frame(self):
+        """The scalars as a one-row ``pandas.DataFrame`` (analyses with a main table return that instead)."""
+        import pandas as pd
+
+        return pd.DataFrame([{"epoch": self.epoch, **self.scalars()}])
+
+
+class Analysis:
+    """Base class of the registered analyses; see the module docstring."""
+
+    name: ClassVar[str] = "analysis"
+    Config: ClassVar[type] = object
+    #: the keys of the result values that the per-epoch log line shows
+    headline: ClassVar[tuple[str, ...]] = ()
+    #: True: every rank runs on its shard of the data and the torchmetrics states are summed across ranks;
+    #: False: the values depend only on the weights, so rank 0 runs it alone
+    sharded: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, **params: Any):
+        if config is not None and params:
+            raise TypeError("give a config or keyword parameters, not both")
+        self.config = config if config is not None else self.Config(**params)
+
+    def run(self, model: nn.Module, data: Data, *, epoch: int = 0, shard: tuple[int, int] = (0, 1)) -> Result:
+        raise NotImplementedError
+
+    def report(self, result: Result, out_dir: Path, *, final: bool = True) -> Report:
+        return Report()
+
+    @staticmethod
+    def tables(frame: Any, grouped_by: Any, out: Path) -> list[Path]:
+        """The sweep tables from ``frame`` (one row per job: model, setting, seed and the final scalars;
+        ``grouped_by(columns)`` says in words what the rows are grouped by); returns the files written."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the next epoch's ``run`` needs from this one (checkpointed with the training run)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (a resumed run)."""
+
+
+REGISTRY: dict[str, type[Analysis]] = {}
+
+
+def register(cls: type[Analysis]) -> type[Analysis]:
+    """Class decorator: make ``cls`` available as ``analysis=<cls.name>`` and ``featurelens.run(cls.name, …)``."""
+    if not (dataclasses.is_dataclass(cls.Config) and isinstance(cls.Config, type)):
+        raise TypeError(f"{cls.__name__}.Config must be a dataclass")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get(name: str) -> type[Analysis]:
+    """The registered analysis called ``name``; a :class:`ConfigError` lists the valid names otherwise."""
+    if name not in REGISTRY:
+        raise ConfigError(f"analysis {name!r} is not registered; valid: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def config_fields(config_cls: type) -> dict[str, Any]:
+    """The defaults of a ``Config`` dataclass as plain values (tuples as lists), e.g. for Hydra's ConfigStore."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(config_cls()).items()}

@@ -1,0 +1,99 @@
+"""featurelens as a library: a registered analysis on a plain nn.Module and plain batches, without Hydra or
+Lightning; the README's example runs as written."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import ROOT
+from torch import nn
+
+import featurelens
+from featurelens.analysis.base import Loaders
+from featurelens.analysis.class_filters import ClassFiltersResult
+from featurelens.data import ImageDataModule
+from featurelens.errors import ConfigError
+from featurelens.models import build_model
+
+C, D = 4, 8
+
+
+def _planted(n_per_class: int = 6, seed: int = 0):
+    """Features a (B, D) where class c carries its mass on features 2c and 2c+1, and a head that reads exactly
+    those: every S_c at k = 2 is {2c, 2c+1}, and the full and decomposed heads are right on every image."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(C).repeat(n_per_class)
+    a = 0.05 * torch.rand(len(y), D, generator=gen)
+    a[torch.arange(len(y)), 2 * y] += 1.0
+    a[torch.arange(len(y)), 2 * y + 1] += 0.5 + 0.1 * torch.rand(len(y), generator=gen)
+    head = nn.Linear(D, C)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.weight[torch.arange(C), 2 * torch.arange(C)] = 1.0
+        head.weight[torch.arange(C), 2 * torch.arange(C) + 1] = 1.0
+    model = nn.Sequential(nn.Identity(), head)
+    return model, [(a[i:i + 5], y[i:i + 5]) for i in range(0, len(y), 5)]
+
+
+def test_class_filters_on_a_plain_module_finds_the_planted_sets(tmp_path):
+    model, batches = _planted()
+    model.train()
+    rng = torch.get_rng_state()
+    result = featurelens.run("class_filters", model, train=batches, k=2, k_grid=[1, 2], out_dir=tmp_path)
+    assert isinstance(result, ClassFiltersResult)
+    assert result.sets == [[2 * c, 2 * c + 1] for c in range(C)]
+    assert result.mask.sum().item() == 2 * C
+    v = result.values
+    assert v["acc_full"] == v["acc_decomposed"] == v[f"k{D}/acc_decomposed"] == 1.0
+    assert v["noise/acc_at_S"] < 1.0  # the sets are what the head needs
+    assert v["selection_images"] == 24 and v["n_images"] == [6] * C
+    assert model.training and torch.equal(torch.get_rng_state(), rng)  # the model and the RNG as they were
+    frame = result.to_frame()
+    assert list(frame["class"]) == list(range(C)) and list(frame["S_c"]) == ["0 1", "2 3", "4 5", "6 7"]
+    assert (tmp_path / "table_epoch0.csv").is_file() and (tmp_path / "selection_mask.png").is_file()
+
+
+def test_n_per_class_keeps_the_first_images_of_each_class():
+    model, batches = _planted(n_per_class=6)
+    result = featurelens.run("class_filters", model, train=batches, val=batches, n_per_class=2, k=2)
+    assert result.values["n_images"] == [2] * C and result.values["selection_images"] == 2 * C
+    assert result.values["acc_full"] == 1.0  # scored on every image of val
+
+
+def test_a_data_module_and_its_plain_loaders_give_the_same_result():
+    dm = ImageDataModule("shapes", n_train=60, n_val=30, n_test=10, image_size=16, batch_size=16)
+    dm.prepare_data()
+    dm.setup("fit")
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10, 3, channels=[4, 8])
+    params = {"k": 3, "k_grid": [1, 3], "n_per_class": None}
+    direct = featurelens.run("class_filters", model, data=dm, **params)
+    plain = featurelens.run("class_filters", model, train=dm.batches("train"), val=dm.batches("val"), **params)
+    for key, value in direct.values.items():
+        assert plain.values[key] == value, key
+
+
+def test_api_errors_name_the_problem():
+    model, batches = _planted()
+    with pytest.raises(ConfigError, match=r"not registered; valid: \['class_filters'"):
+        featurelens.run("nope", model, train=batches)
+    with pytest.raises(ConfigError, match="give train="):
+        featurelens.run("class_filters", model)
+    with pytest.raises(ConfigError, match="n_per_class=0"):
+        featurelens.run("class_filters", model, train=batches, n_per_class=0)
+    with pytest.raises(ValueError, match="split='test'"):
+        next(iter(Loaders(batches).batches("test")))
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- api-example -->\n```python\n(.*?)```", text, re.S)
+    assert block, "README: the Python API example (after <!-- api-example -->) is missing"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), namespace)
+    assert isinstance(namespace["result"], ClassFiltersResult)
+    assert (tmp_path / "cf_out" / "acc_vs_k.png").is_file()
