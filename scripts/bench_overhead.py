@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from featurelens.callbacks import AnalysisCallback, AnalysisContext, ChiralityCallback
+from featurelens.callbacks import AnalysisCallback, AnalysisContext
 from featurelens.data import ImageDataModule
 from featurelens.module import Classifier
 from featurelens.runtime import CONF_DIR
@@ -93,9 +93,7 @@ def analysis_seconds(cb: AnalysisCallback, net: torch.nn.Module, dm: ImageDataMo
                      repeats: int = 3) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cb.run_dir = Path(tmp)
-        x, y = dm.probe_set(cb.probe_size, cb.probe_seed)
-        ctx = AnalysisContext(Path(tmp), epoch=1, step=1, probe=lambda: (x.to(device), y.to(device)),
-                              datamodule=dm, device=torch.device(device))
+        ctx = AnalysisContext(Path(tmp), epoch=1, step=1, datamodule=dm, device=torch.device(device))
         cb.analyze(net, ctx)  # warm-up (figures' first draw, caches)
         start = time.perf_counter()
         for i in range(repeats):
@@ -130,10 +128,11 @@ def main() -> None:
 
     net = module.net.to(args.device)
     variants = {
-        "chirality, kernels (every epoch)": ChiralityCallback(fmap={"enabled": False}),
+        "chirality, kernels (every epoch)": AnalysisCallback(analysis="chirality", fmap={"enabled": False}),
         "chirality, kernels + feature maps, 500 probes (default: epochs 0, 5, 10, …, last)":
-            ChiralityCallback(fmap={"n_probe": 500, "every_n_epochs": 1}),
-        "chirality, kernels + feature maps, 100 probes": ChiralityCallback(fmap={"n_probe": 100, "every_n_epochs": 1}),
+            AnalysisCallback(analysis="chirality", fmap={"n_probe": 500, "every_n_epochs": 1}),
+        "chirality, kernels + feature maps, 100 probes":
+            AnalysisCallback(analysis="chirality", fmap={"n_probe": 100, "every_n_epochs": 1}),
     }
     print(f"\n## Analysis cost per call (figures excluded: drawn only at epochs 0, 5, 10, …, last) "
           f"vs one training epoch ({epoch_s:.1f} s)\n")

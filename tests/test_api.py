@@ -11,7 +11,9 @@ from conftest import ROOT
 from torch import nn
 
 import featurelens
+import featurelens.analysis.chirality
 from featurelens.analysis.base import Loaders
+from featurelens.analysis.chirality import ChiralityResult
 from featurelens.analysis.class_filters import ClassFiltersResult
 from featurelens.data import ImageDataModule
 from featurelens.errors import ConfigError
@@ -56,6 +58,24 @@ def test_class_filters_on_a_plain_module_finds_the_planted_sets(tmp_path):
     assert (tmp_path / "table_epoch0.csv").is_file() and (tmp_path / "selection_mask.png").is_file()
 
 
+@pytest.mark.parametrize("anti", [False, True])
+def test_chirality_of_mirror_symmetric_and_antisymmetric_kernels(tmp_path, anti):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, C))
+    with torch.no_grad():
+        featurelens.analysis.chirality.symmetrize_(model, anti=anti)
+    images = [(torch.randn(10, 3, 12, 12), torch.arange(10) % C) for _ in range(2)]
+    result = featurelens.run("chirality", model, train=images, fmap={"n_probe": 12}, out_dir=tmp_path)
+    assert isinstance(result, ChiralityResult) and result.layers == ["0", "2"]
+    assert result.values["model"] == pytest.approx(1.0 if anti else 0.0, abs=1e-12)  # spec: C = 0 / 1 exactly
+    if not anti:  # a mirror-symmetric net maps a mirrored input to a mirrored output
+        assert result.values["flip_consistency"] == pytest.approx(1.0, abs=1e-6)
+    assert list(result.to_frame()["layer"]) == ["0", "2"]
+    for name in ("table_epoch0.csv", "chirality_vs_epoch.png", "conv1_by_rho.png"):
+        assert (tmp_path / name).is_file(), name
+
+
 def test_n_per_class_keeps_the_first_images_of_each_class():
     model, batches = _planted(n_per_class=6)
     result = featurelens.run("class_filters", model, train=batches, val=batches, n_per_class=2, k=2)
@@ -78,7 +98,7 @@ def test_a_data_module_and_its_plain_loaders_give_the_same_result():
 
 def test_api_errors_name_the_problem():
     model, batches = _planted()
-    with pytest.raises(ConfigError, match=r"not registered; valid: \['class_filters'"):
+    with pytest.raises(ConfigError, match=r"not registered; valid: \['chirality', 'class_filters'"):
         featurelens.run("nope", model, train=batches)
     with pytest.raises(ConfigError, match="give train="):
         featurelens.run("class_filters", model)
@@ -95,5 +115,5 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(block.group(1), "README.md", "exec"), namespace)
-    assert isinstance(namespace["result"], ClassFiltersResult)
+    assert isinstance(namespace["result"], ClassFiltersResult) and isinstance(namespace["chirality"], ChiralityResult)
     assert (tmp_path / "cf_out" / "acc_vs_k.png").is_file()

@@ -18,7 +18,8 @@ from typing import Any
 
 from torch import nn
 
-import featurelens.analysis.class_filters  # noqa: F401  (registers the analysis)
+import featurelens.analysis.chirality  # noqa: F401  (registers the analysis)
+import featurelens.analysis.class_filters  # noqa: F401
 from featurelens.analysis.base import REGISTRY, Data, Loaders, Result, get
 from featurelens.analysis.hooks import analysis_mode
 from featurelens.errors import ConfigError

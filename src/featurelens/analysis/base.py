@@ -5,16 +5,19 @@ An analysis is a subclass of :class:`Analysis`, registered with :func:`register`
 - ``Config``: a dataclass, the single source of the analysis' parameters, their defaults and their checks
   (``__post_init__`` raises :class:`~featurelens.errors.ConfigError` naming the key); ``featurelens.runtime``
   registers it in Hydra's ConfigStore, so ``analysis=<name>`` composes it and ``--cfg job`` shows it;
-- ``run(model, data, epoch=, shard=)``: the whole method, returning a :class:`Result`; it keeps what the next
-  epoch needs (e.g. the previous sets) in ``state_dict()``, which the training callback checkpoints;
-- ``report(result, out_dir)``: its figures and files, returned as a :class:`Report` so that a logger can show
-  them too;
+- ``run(model, data, epoch=, shard=, final=)``: the whole method, returning a :class:`Result`; it keeps what
+  the next epoch needs (e.g. the previous sets) in ``state_dict()``, which the training callback checkpoints;
+- ``report(result, out_dir, final=, history=)``: its figures and files, returned as a :class:`Report` so that a
+  logger can show them too (``history``: the run's records so far, this one last, for figures over epochs);
+- ``summarize(history)``: end-of-run scalars from the records (optional);
 - ``tables(frame, grouped_by, out)``: the sweep tables ``scripts/make_tables.py`` writes from the final records.
 
 ``data`` is anything with ``batches(split, batch_size=None, shard=(0, 1), n_per_class=None, seed=0)`` yielding
-``(images, labels)`` batches of the model's inputs: ``split="train"`` the training images without augmentation
-(up to ``n_per_class`` of each class), ``"val"`` the images it scores. ``featurelens.data.ImageDataModule`` is
-one; :class:`Loaders` makes one of plain iterables (a notebook's DataLoaders).
+``(images, labels)`` batches of the model's inputs (``split="train"``: the training images without
+augmentation, up to ``n_per_class`` of each class; ``"val"``: the images it scores) and ``probe_set(n, seed)``
+returning a fixed ``(images, labels)`` tensor pair of up to ``n`` validation images.
+``featurelens.data.ImageDataModule`` is one; :class:`Loaders` makes one of plain iterables (a notebook's
+DataLoaders).
 """
 
 from __future__ import annotations
@@ -35,13 +38,16 @@ class Data(Protocol):
     def batches(self, split: str, batch_size: int | None = None, shard: tuple[int, int] = (0, 1),
                 n_per_class: int | None = None, seed: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]: ...
 
+    def probe_set(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 @dataclass
 class Loaders:
     """Plain iterables of ``(images, labels)`` batches as an analysis' data: ``train`` for what it selects or
     fits on, ``val`` for what it scores (default: ``train``). Images are the model's inputs (already resized and
-    normalised). ``n_per_class`` keeps the first images of each class in the iterable's order (``seed`` is not
-    used); batch size and order are the iterables' own, and one process reads everything (``shard`` ignored)."""
+    normalised). ``n_per_class`` keeps the first images of each class in the iterable's order, and the probe set is
+    the first ``n`` images of ``val`` (``seed`` is not used); batch size and order are the iterables' own, and one
+    process reads everything (``shard`` ignored)."""
 
     train: Iterable
     val: Iterable | None = None
@@ -64,15 +70,28 @@ class Loaders:
                 x, y = x[keep], y[keep]
             yield x, y
 
+    def probe_set(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys, have = [], [], 0
+        for x, y in self.batches("val"):
+            xs.append(x[: n - have])
+            ys.append(y[: n - have])
+            have += len(xs[-1])
+            if have >= n:
+                break
+        if not xs:
+            raise ValueError("the probe set needs at least one (images, labels) batch")
+        return torch.cat(xs), torch.cat(ys)
+
 
 @dataclass
 class Report:
-    """What :meth:`Analysis.report` wrote: every file, and the tables (name -> (columns, rows)) and figures
-    (name -> png path) that a logger may show as well."""
+    """What :meth:`Analysis.report` wrote: every file, and the tables (name -> (columns, rows)), figures
+    (name -> png path) and histograms (name -> (counts, bin edges)) that a logger may show as well."""
 
     files: list[Path] = field(default_factory=list)
     tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
+    histograms: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -88,8 +107,8 @@ class Result:
         return {k: float(v) for k, v in self.values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
     def record(self) -> dict[str, Any]:
-        """The values as the results file and the loggers name them: ``<analysis>/<key>``."""
-        return {f"{self.name}/{k}": v for k, v in self.values.items()}
+        """The epoch and the values as the results file and the loggers name them: ``<analysis>/<key>``."""
+        return {"epoch": self.epoch, **{f"{self.name}/{k}": v for k, v in self.values.items()}}
 
     def to_frame(self):
         """The scalars as a one-row ``pandas.DataFrame`` (analyses with a main table return that instead)."""
@@ -114,11 +133,18 @@ class Analysis:
             raise TypeError("give a config or keyword parameters, not both")
         self.config = config if config is not None else self.Config(**params)
 
-    def run(self, model: nn.Module, data: Data, *, epoch: int = 0, shard: tuple[int, int] = (0, 1)) -> Result:
+    def run(self, model: nn.Module, data: Data, *, epoch: int = 0, shard: tuple[int, int] = (0, 1),
+            final: bool = True) -> Result:
+        """The method on ``model`` at ``epoch`` (``final``: the run's last analysed epoch)."""
         raise NotImplementedError
 
-    def report(self, result: Result, out_dir: Path, *, final: bool = True) -> Report:
+    def report(self, result: Result, out_dir: Path, *, final: bool = True, history: list[dict] | None = None
+               ) -> Report:
         return Report()
+
+    def summarize(self, history: list[dict[str, Any]]) -> dict[str, float]:
+        """End-of-run scalars from the run's records (``<name>/summary/<key>``)."""
+        return {}
 
     @staticmethod
     def tables(frame: Any, grouped_by: Any, out: Path) -> list[Path]:

@@ -2,10 +2,9 @@
 analyses, and the subclasses of those not yet registered."""
 
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext
-from featurelens.callbacks.chirality import ChiralityCallback
 from featurelens.callbacks.dissection import DissectionCallback
 from featurelens.callbacks.linking import LinkingCallback
 from featurelens.callbacks.specialization import SpecializationCallback
 
-__all__ = ["AnalysisCallback", "AnalysisContext", "ChiralityCallback", "DissectionCallback",
+__all__ = ["AnalysisCallback", "AnalysisContext", "DissectionCallback",
            "LinkingCallback", "SpecializationCallback"]

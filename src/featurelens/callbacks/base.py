@@ -121,7 +121,7 @@ class AnalysisCallback(pl.Callback):
             raise NotImplementedError
         if ctx.datamodule is None:
             raise RuntimeError(f"{self.name} needs the data module (training or validation images)")
-        self.result = self.analysis.run(model, ctx.datamodule, epoch=ctx.epoch, shard=ctx.shard)
+        self.result = self.analysis.run(model, ctx.datamodule, epoch=ctx.epoch, shard=ctx.shard, final=ctx.final)
         return self.result.values
 
     def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
@@ -129,8 +129,17 @@ class AnalysisCallback(pl.Callback):
         W&B as well."""
         if self.analysis is None or self.result is None:
             return
-        written = self.analysis.report(self.result, self.out_dir, final=ctx.final)
-        for lg in wandb_loggers(ctx.loggers):
+        written = self.analysis.report(self.result, self.out_dir, final=ctx.final, history=self.history)
+        loggers = wandb_loggers(ctx.loggers)
+        if not loggers:
+            return
+        import wandb
+
+        histograms = {f"{self.name}/{key}": wandb.Histogram(np_histogram=(counts, edges))
+                      for key, (counts, edges) in written.histograms.items()}
+        for lg in loggers:
+            if histograms:
+                lg.log_metrics(histograms, step=ctx.step)
             for key, (columns, rows) in written.tables.items():
                 lg.log_table(key=f"{self.name}/{key}", columns=columns, data=rows, step=ctx.step)
             for key, path in written.figures.items():
@@ -138,7 +147,7 @@ class AnalysisCallback(pl.Callback):
 
     def summarize(self, ctx: AnalysisContext) -> dict[str, float]:
         """End-of-run scalars computed from ``history`` (optional)."""
-        return {}
+        return self.analysis.summarize(self.history) if self.analysis is not None else {}
 
     # ------------------------------------------------------------------ engine
     @property

@@ -143,8 +143,8 @@ class ClassFilters(Analysis):
                 model(x.to(device))
                 yield feats.pop(), dict(pooled), y.to(device)
 
-    def run(self, model: nn.Module, data: Data, *, epoch: int = 0, shard: tuple[int, int] = (0, 1)
-            ) -> ClassFiltersResult:
+    def run(self, model: nn.Module, data: Data, *, epoch: int = 0, shard: tuple[int, int] = (0, 1),
+            final: bool = True) -> ClassFiltersResult:
         c = self.config
         try:
             head_name, head = find_head(model, head_module=c.head_module)
@@ -247,7 +247,7 @@ class ClassFilters(Analysis):
         self.masks = {n: m.cpu() for n, m in masks.items()}
         return ClassFiltersResult(epoch, values, dict(self.masks))
 
-    def report(self, result: Result, out_dir: Path, *, final: bool = True):
+    def report(self, result: Result, out_dir: Path, *, final: bool = True, history: list[dict] | None = None):
         from featurelens.analysis.class_filters.report import report
 
         return report(result, out_dir, self.config, final=final)
