@@ -594,7 +594,7 @@ def agreement(proj: dict, lite: dict, n: int) -> list[str]:
 
 def _impl_hash() -> str:
     """md5 (first 12 hex digits) of the dissection module's source, to tie the numbers to a version."""
-    spec = importlib.util.find_spec("featurelens.analysis.dissection")
+    spec = importlib.util.find_spec("featurelens.analysis.dissection.measure")
     return hashlib.md5(Path(spec.origin).read_bytes()).hexdigest()[:12]
 
 

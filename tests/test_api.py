@@ -3,7 +3,9 @@ Lightning; the README's example runs as written."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import typing
 
 import pytest
 import torch
@@ -12,10 +14,13 @@ from torch import nn
 
 import featurelens
 import featurelens.analysis.chirality
-from featurelens.analysis.base import Loaders
+from featurelens.analysis.base import Analysis, Loaders, Result
 from featurelens.analysis.chirality import ChiralityResult
 from featurelens.analysis.class_filters import ClassFiltersResult
+from featurelens.analysis.dissection import DissectionResult
+from featurelens.api import REGISTRY
 from featurelens.data import ImageDataModule
+from featurelens.data.synthbroden import write_synthbroden
 from featurelens.errors import ConfigError
 from featurelens.models import build_model
 
@@ -76,6 +81,29 @@ def test_chirality_of_mirror_symmetric_and_antisymmetric_kernels(tmp_path, anti)
         assert (tmp_path / name).is_file(), name
 
 
+def test_dissection_of_a_broden_directory_finds_the_planted_colour_units(tmp_path):
+    """Spec §6 oracle through the API: a unit per foreground colour, firing within a tolerance of it."""
+    from featurelens.data.shapes import COLORS, FOREGROUND_COLORS
+
+    root = write_synthbroden(tmp_path / "broden", n_images=16, size=64, seed=0)
+    colours = torch.tensor([COLORS[c] for c in FOREGROUND_COLORS], dtype=torch.float32) / 255
+
+    class ColourUnits(nn.Module):
+        def forward(self, x):  # unit j = relu(tol^2 - |x - c_j|^2), tol = 0.15, on the raw [0, 1] image
+            return torch.relu(0.15**2 - ((x[:, None] - colours[None, :, :, None, None]) ** 2).sum(dim=2))
+
+    model = nn.Sequential(ColourUnits())
+    result = featurelens.run("dissection", model, broden=root, layers=["0"], mean=[0, 0, 0], std=[1, 1, 1],
+                             quantile={"q": 0.02}, batch_size=8, out_dir=tmp_path / "out")
+    assert isinstance(result, DissectionResult) and list(result.layers) == ["0"]
+    labels, names = result.layers["0"]["labels"], result.label_names
+    k = result.layers["0"]["counts_json"]["categories"].index("color")
+    assert [names[int(c)] for c in labels["label_percat"][:, k]] == [f"{c}-c" for c in FOREGROUND_COLORS]
+    assert len(result.to_frame()) == len(FOREGROUND_COLORS)
+    for name in ("0/tally.csv", "0/counts.json", "0/score_hist.png", "unique_vs_epoch.png"):
+        assert (tmp_path / "out" / name).is_file(), name
+
+
 def test_n_per_class_keeps_the_first_images_of_each_class():
     model, batches = _planted(n_per_class=6)
     result = featurelens.run("class_filters", model, train=batches, val=batches, n_per_class=2, k=2)
@@ -98,7 +126,7 @@ def test_a_data_module_and_its_plain_loaders_give_the_same_result():
 
 def test_api_errors_name_the_problem():
     model, batches = _planted()
-    with pytest.raises(ConfigError, match=r"not registered; valid: \['chirality', 'class_filters'"):
+    with pytest.raises(ConfigError, match=r"not registered; valid: \['chirality', 'class_filters', 'dissection'"):
         featurelens.run("nope", model, train=batches)
     with pytest.raises(ConfigError, match="give train="):
         featurelens.run("class_filters", model)
@@ -117,3 +145,18 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     exec(compile(block.group(1), "README.md", "exec"), namespace)
     assert isinstance(namespace["result"], ClassFiltersResult) and isinstance(namespace["chirality"], ChiralityResult)
     assert (tmp_path / "cf_out" / "acc_vs_k.png").is_file()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_registered_analysis_is_complete(name):
+    """What CONTRIBUTING.md asks of an analysis: a config with defaults, its own report, a typed result of
+    its name, and a README section listing its config keys."""
+    cls = REGISTRY[name]
+    assert dataclasses.is_dataclass(cls.Config)
+    config = cls.Config()  # every field has a default
+    assert cls(config).config is config
+    assert cls.report is not Analysis.report and cls.run is not Analysis.run
+    result_type = typing.get_type_hints(cls.run)["return"]
+    assert issubclass(result_type, Result) and result_type.name == name
+    assert set(cls.headline) and all(isinstance(k, str) for k in cls.headline)
+    assert f"`analysis.{name}.*`" in (ROOT / "README.md").read_text()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import TINY, wandb_media
 
+from featurelens.analysis.dissection import DissectionConfig
 from featurelens.analyze import analyze
-from featurelens.callbacks import DissectionCallback
 from featurelens.data.synthbroden import write_synthbroden
 from featurelens.errors import ConfigError
 from featurelens.results import read_results
@@ -94,7 +94,7 @@ def test_analyze_reads_a_broden_directory(cfg_factory, tmp_path):
 ])
 def test_bad_values_name_the_key(kwargs):
     with pytest.raises(ConfigError) as err:
-        DissectionCallback(**kwargs)
+        DissectionConfig(**kwargs)
     assert str(err.value).startswith("analysis.dissection: ")
     assert next(iter(kwargs)) in str(err.value)
 

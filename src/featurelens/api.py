@@ -20,9 +20,9 @@ from torch import nn
 
 import featurelens.analysis.chirality  # noqa: F401  (registers the analysis)
 import featurelens.analysis.class_filters  # noqa: F401
+import featurelens.analysis.dissection  # noqa: F401
 from featurelens.analysis.base import REGISTRY, Data, Loaders, Result, get
 from featurelens.analysis.hooks import analysis_mode
-from featurelens.errors import ConfigError
 
 __all__ = ["REGISTRY", "analyses", "get", "run"]
 
@@ -33,16 +33,21 @@ def analyses() -> list[str]:
 
 
 def run(name: str, model: nn.Module, data: Data | None = None, *, train: Iterable | None = None,
-        val: Iterable | None = None, out_dir: str | Path | None = None, epoch: int = 0, **params: Any) -> Result:
+        val: Iterable | None = None, broden: str | Path | None = None, mean: list[float] | None = None,
+        std: list[float] | None = None, input_size: int | None = None, out_dir: str | Path | None = None,
+        epoch: int = 0, **params: Any) -> Result:
     """Run analysis ``name`` once on ``model`` (in eval mode, without gradients; the model's own train/eval
     flags and the global RNG are as before afterwards) and return its typed result; with ``out_dir`` its
-    report (files, figures) is written there too."""
+    report (files, figures) is written there too.
+
+    ``broden``: a Broden-format directory (dissection's ``broden_dir``); ``mean``/``std``/``input_size``: how
+    images the analysis brings itself (a concept set) become the model's input (default: ImageNet's
+    normalisation, the images' own size)."""
     cls = get(name)
+    if broden is not None:
+        params["broden_dir"] = str(broden)
     if data is None:
-        if train is None:
-            raise ConfigError(f"featurelens.run({name!r}, ...): give train= (an iterable of (images, labels) "
-                              "batches, e.g. a DataLoader; val= optional) or data= (e.g. an ImageDataModule)")
-        data = Loaders(train, val)
+        data = Loaders(train, val, mean, std, input_size)
     analysis = cls(**params)
     with analysis_mode(model):
         result = analysis.run(model, data, epoch=epoch)

@@ -47,7 +47,8 @@ def register_configs() -> None:
     for name, cls in REGISTRY.items():
         node = dataclasses.make_dataclass(f"{cls.Config.__name__}Node", [
             ("_target_", str, "featurelens.callbacks.AnalysisCallback"), ("_convert_", str, "all"),
-            ("analysis", str, name), ("every_n_epochs", int, 1)], bases=(cls.Config,))
+            ("analysis", str, name), ("every_n_epochs", int, 1),
+            *((key, str, value) for key, value in cls.hydra_defaults.items())], bases=(cls.Config,))
         store.store(group="analysis", name=name, node={name: node})
 
 

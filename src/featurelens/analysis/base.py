@@ -15,7 +15,9 @@ An analysis is a subclass of :class:`Analysis`, registered with :func:`register`
 ``data`` is anything with ``batches(split, batch_size=None, shard=(0, 1), n_per_class=None, seed=0)`` yielding
 ``(images, labels)`` batches of the model's inputs (``split="train"``: the training images without
 augmentation, up to ``n_per_class`` of each class; ``"val"``: the images it scores) and ``probe_set(n, seed)``
-returning a fixed ``(images, labels)`` tensor pair of up to ``n`` validation images.
+returning a fixed ``(images, labels)`` tensor pair of up to ``n`` validation images; analyses that feed images
+of their own (dissection's concept set) read ``normalisation()``, ``input_size`` and ``channels`` through
+:func:`model_input`.
 ``featurelens.data.ImageDataModule`` is one; :class:`Loaders` makes one of plain iterables (a notebook's
 DataLoaders).
 """
@@ -23,12 +25,13 @@ DataLoaders).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from featurelens.errors import ConfigError
@@ -41,22 +44,61 @@ class Data(Protocol):
     def probe_set(self, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model`` computes: its first parameter's (or buffer's) device; CPU for a model without either."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+IMAGENET_NORMALISATION = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+
+
+def model_input(data: Any, device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """[0, 1] RGB images (a concept set, generated images) -> the model's input: its channel count (grey by the
+    ITU-R 601 weights), its input width (``data.input_size``; None: as given) and ``data.normalisation()``."""
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in data.normalisation())
+    size, channels = getattr(data, "input_size", None), getattr(data, "channels", 3)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(device)
+        if channels == 1 and x.shape[1] == 3:
+            x = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        if size is not None and (x.shape[-1] != size or x.shape[-2] != size):
+            x = F.interpolate(x, size=(int(size), int(size)), mode="bilinear", align_corners=False, antialias=True)
+        return (x - mean) / std
+
+    return prep
+
+
 @dataclass
 class Loaders:
     """Plain iterables of ``(images, labels)`` batches as an analysis' data: ``train`` for what it selects or
     fits on, ``val`` for what it scores (default: ``train``). Images are the model's inputs (already resized and
-    normalised). ``n_per_class`` keeps the first images of each class in the iterable's order, and the probe set is
-    the first ``n`` images of ``val`` (``seed`` is not used); batch size and order are the iterables' own, and one
-    process reads everything (``shard`` ignored)."""
+    normalised); images an analysis brings itself (dissection's concept set) are resized to ``input_size`` (None:
+    kept) and normalised with ``mean``/``std`` (default: ImageNet's, as torchvision's pretrained models expect).
+    ``n_per_class`` keeps the first images of each class in the iterable's order, and the probe set is the first
+    ``n`` images of ``val`` (``seed`` is not used); batch size and order are the iterables' own, and one process
+    reads everything (``shard`` ignored)."""
 
-    train: Iterable
+    train: Iterable | None = None
     val: Iterable | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    input_size: int | None = None
+    channels: int = 3
+
+    def normalisation(self) -> tuple[list[float], list[float]]:
+        mean, std = IMAGENET_NORMALISATION
+        return list(self.mean or mean), list(self.std or std)
 
     def batches(self, split: str, batch_size: int | None = None, shard: tuple[int, int] = (0, 1),
                 n_per_class: int | None = None, seed: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}; valid: ['train', 'val']")
         source = self.val if split == "val" and self.val is not None else self.train
+        if source is None:
+            raise ConfigError("this analysis reads (images, labels) batches: give train= (and optionally val=)")
         seen: dict[int, int] = {}
         for x, y in source:
             y = torch.as_tensor(y)
@@ -86,11 +128,13 @@ class Loaders:
 @dataclass
 class Report:
     """What :meth:`Analysis.report` wrote: every file, and the tables (name -> (columns, rows)), figures
-    (name -> png path) and histograms (name -> (counts, bin edges)) that a logger may show as well."""
+    (name -> png path), galleries (name -> images, each captioned by its file name) and histograms (name ->
+    (counts, bin edges)) that a logger may show as well."""
 
     files: list[Path] = field(default_factory=list)
     tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
+    galleries: dict[str, list[Path]] = field(default_factory=dict)
     histograms: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
 
@@ -127,6 +171,8 @@ class Analysis:
     #: True: every rank runs on its shard of the data and the torchmetrics states are summed across ranks;
     #: False: the values depend only on the weights, so rank 0 runs it alone
     sharded: ClassVar[bool] = False
+    #: Config fields whose default differs under Hydra (an interpolation of the composed config)
+    hydra_defaults: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any = None, **params: Any):
         if config is not None and params:

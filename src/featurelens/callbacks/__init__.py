@@ -2,9 +2,7 @@
 analyses, and the subclasses of those not yet registered."""
 
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext
-from featurelens.callbacks.dissection import DissectionCallback
 from featurelens.callbacks.linking import LinkingCallback
 from featurelens.callbacks.specialization import SpecializationCallback
 
-__all__ = ["AnalysisCallback", "AnalysisContext", "DissectionCallback",
-           "LinkingCallback", "SpecializationCallback"]
+__all__ = ["AnalysisCallback", "AnalysisContext", "LinkingCallback", "SpecializationCallback"]

@@ -32,11 +32,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
 
-from featurelens.analysis.base import Analysis, Result
+from featurelens.analysis.base import Analysis, Result, model_input
 from featurelens.analysis.hooks import analysis_mode
 from featurelens.api import get as get_analysis
 from featurelens.results import ResultsFile, jsonable, write_json
@@ -62,21 +61,9 @@ class AnalysisContext:
 
 def model_preprocess(ctx: AnalysisContext) -> Callable[[torch.Tensor], torch.Tensor]:
     """[0, 1] images (rendered or generated) -> the model's input: channels, size, training normalisation."""
-    dm = ctx.datamodule
-    if dm is None or not hasattr(dm, "setup"):
+    if ctx.datamodule is None or not hasattr(ctx.datamodule, "setup"):
         raise RuntimeError("the model's preprocessing needs a featurelens ImageDataModule")
-    mean, std = (torch.tensor(v, device=ctx.device).view(1, -1, 1, 1) for v in dm.normalisation())
-    size = int(dm.input_size)
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(ctx.device)
-        if dm.channels == 1 and x.shape[1] == 3:
-            x = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return (x - mean) / std
-
-    return prep
+    return model_input(ctx.datamodule, ctx.device)
 
 
 def wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
@@ -144,6 +131,10 @@ class AnalysisCallback(pl.Callback):
                 lg.log_table(key=f"{self.name}/{key}", columns=columns, data=rows, step=ctx.step)
             for key, path in written.figures.items():
                 lg.log_image(key=f"{self.name}/{key}", images=[str(path)], step=ctx.step)
+            for key, paths in written.galleries.items():
+                if paths:
+                    lg.log_image(key=f"{self.name}/{key}", images=[str(p) for p in paths],
+                                 caption=[p.stem for p in paths], step=ctx.step)
 
     def summarize(self, ctx: AnalysisContext) -> dict[str, float]:
         """End-of-run scalars computed from ``history`` (optional)."""

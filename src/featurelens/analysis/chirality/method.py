@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featurelens.analysis.base import Analysis, Data, Result, register
+from featurelens.analysis.base import Analysis, Data, Result, model_device, register
 from featurelens.analysis.chirality import measure as chi
 from featurelens.errors import ConfigError
 
@@ -115,7 +115,7 @@ class Chirality(Analysis):
             values[f"layer/{name}/n_slices"] = int(stats["n_slices"])
         if c.fmap.enabled and res["layers"] and (epoch % c.fmap.every_n_epochs == 0 or final):
             x, _ = data.probe_set(c.fmap.n_probe, c.fmap.seed)
-            x = x.to(next(model.parameters()).device)
+            x = x.to(model_device(model))
             width = c.fmap.width
             if width == "auto":
                 width = chi.compatible_width(model, x.shape[-1], in_channels=x.shape[1])

@@ -1,0 +1,100 @@
+"""What network dissection writes: per layer (rewritten at each analysed epoch, so they describe the latest
+one) ``tally.csv``, ``thresholds.npy``, ``iou.npy``, ``counts.json``, ``detectors_per_label.png``,
+``score_hist.png`` and, at figure epochs, ``topimages/unit_XXXX.jpg``; in the analysis folder
+``unique_vs_epoch.png`` and, with the rotation baseline, ``rotation.csv`` and ``unique_vs_alpha.png``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from featurelens import plots
+from featurelens.analysis.base import Report
+
+log = logging.getLogger("featurelens")
+
+PLOT_ORDER = ("object", "scene", "part", "material", "texture", "color")  # §5 bar-chart grouping
+
+
+def report(result, out_dir: Path, config, *, history: list[dict]) -> Report:
+    rep = Report()
+    for layer, res in result.layers.items():
+        out = out_dir / layer
+        out.mkdir(parents=True, exist_ok=True)
+        res["table"].to_csv(out / "tally.csv", index=False)
+        np.save(out / "thresholds.npy", res["thresholds"].numpy())
+        np.save(out / "iou.npy", res["iou"].numpy().astype(np.float32))
+        counts = res["counts_json"]
+        (out / "counts.json").write_text(json.dumps({"epoch": result.epoch, **counts}, indent=1))
+        rep.files += [out / "tally.csv", out / "thresholds.npy", out / "iou.npy", out / "counts.json"]
+        log.info("dissection %s, epoch %d: %s (method A; method B: %d unique; %d forward pass%s)", layer,
+                 result.epoch, counts["header"], counts["unique_B"], res["forward_passes"],
+                 "" if res["forward_passes"] == 1 else "es")
+        split = res["table"].to_dict("split")
+        rep.tables[f"{layer}/tally"] = (split["columns"], split["data"])
+        rep.figures[f"{layer}/detectors_per_label"] = _label_bars(res, result.label_names, config.categories, out,
+                                                                  counts["header"])
+        rep.figures[f"{layer}/score_hist"] = plots.histogram_with_marker(
+            res["labels"]["score"].numpy(), config.iou_threshold, out / "score_hist.png",
+            xlabel="unit score (best IoU)", title=f"{layer}: unit scores (line: tau)")
+        if layer in result.strips:
+            rep.galleries[f"{layer}/topimages"] = _write_strips(result.strips[layer], out / "topimages")
+    epochs = [r["epoch"] for r in history]
+    series = {m: [r.get(f"dissection/{k}") for r in history] for m, k in
+              (("unique (A)", "unique_detectors"), ("unique per category (B)", "unique_detectors_percat"),
+               ("detectors", "detectors"))}
+    rep.figures["unique_vs_epoch"] = plots.line_plot(epochs, series, out_dir / "unique_vs_epoch.png", xlabel="epoch",
+                                                     ylabel="units / concepts",
+                                                     title="Interpretable units of the primary layer")
+    if "rotation/table" in result.values:
+        rep.figures["unique_vs_alpha"] = _rotation_report(result.values["rotation/table"], config.rotation.seeds,
+                                                          out_dir)
+    rep.files += [*rep.figures.values(), *(p for paths in rep.galleries.values() for p in paths)]
+    return rep
+
+
+def _label_bars(res: dict, label_names: list[str], categories: list[str], out: Path, header: str) -> Path:
+    """Detector counts per label, grouped object, scene, part, material, texture, color (§5)."""
+    lab, cat, det = res["labels"]["label"], res["labels"]["category"], res["labels"]["detector"]
+    counts: dict[tuple[int, int], int] = {}
+    for c, k in zip(cat[det].tolist(), lab[det].tolist(), strict=True):
+        counts[(c, k)] = counts.get((c, k), 0) + 1
+    order = {name: i for i, name in enumerate(PLOT_ORDER)}
+    keys = sorted(counts, key=lambda ck: (order.get(categories[ck[0]], 9), -counts[ck], ck[1]))
+    names = [f"{label_names[k]} ({categories[c]})" for c, k in keys]
+    return plots.bar_plot(names, [counts[k] for k in keys], out / "detectors_per_label.png", xlabel="",
+                          ylabel="detector units", title=header, rotate_labels=True)
+
+
+def _write_strips(strips: dict[int, np.ndarray], out: Path) -> list[Path]:
+    """One JPG per unit (the strips describe the latest figure epoch only), scaled up to >= 96 px high."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    paths = []
+    for unit, strip in strips.items():
+        img = Image.fromarray(strip)
+        scale = max(1, 96 // img.height)
+        paths.append(out / f"unit_{unit + 1:04d}.jpg")
+        img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(paths[-1], quality=92)
+    return paths
+
+
+def _rotation_report(rows: list[dict], seeds: int, out_dir: Path) -> Path:
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    table.to_csv(out_dir / "rotation.csv", index=False)
+    mean = table.groupby("alpha")[["unique_detectors", "unique_detectors_percat", "detectors"]].agg(["mean", "std"])
+    return plots.line_plot(list(mean.index), {"unique (A)": mean[("unique_detectors", "mean")].tolist(),
+                                              "unique per category (B)":
+                                                  mean[("unique_detectors_percat", "mean")].tolist()},
+                           out_dir / "unique_vs_alpha.png", xlabel="rotation power alpha", ylabel="unique detectors",
+                           bands={"unique (A)": mean[("unique_detectors", "std")].fillna(0).tolist(),
+                                  "unique per category (B)":
+                                      mean[("unique_detectors_percat", "std")].fillna(0).tolist()},
+                           title=f"Random-rotation baseline ({int(seeds)} seeds)")
