@@ -130,6 +130,8 @@ def test_api_errors_name_the_problem():
         featurelens.run("nope", model, train=batches)
     with pytest.raises(ConfigError, match="give train="):
         featurelens.run("class_filters", model)
+    with pytest.raises(ConfigError, match="give data= a featurelens ImageDataModule"):
+        featurelens.run("linking", model, train=batches)  # its generator is found (or trained) for the data config
     with pytest.raises(ConfigError, match="n_per_class=0"):
         featurelens.run("class_filters", model, train=batches, n_per_class=0)
     with pytest.raises(ValueError, match="split='test'"):

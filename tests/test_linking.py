@@ -255,7 +255,7 @@ def test_a_part_absent_at_step_0_keeps_its_raw_area_change():
     masks = torch.zeros(3, 8, 8, dtype=torch.long)
     masks[1, :2, :2], masks[2, :3, :4] = 1, 1  # part 1: absent, 4 px, 12 px; part 0 shrinks 64 -> 52
     r, logits = torch.zeros(3, 4), torch.zeros(3, 2)
-    row = lk._change_row(0, 0, 0, r, logits, images, masks, torch.ones(4), ("background", "body"), 1.0, 3)
+    row = lk.measure._change_row(0, 0, 0, r, logits, images, masks, torch.ones(4), ("background", "body"), 1.0, 3)
     assert row["body/area"] == 12.0  # the reference divides by 1 when the step-0 area is 0
     assert row["background/area"] == pytest.approx(-12 / 64)
 

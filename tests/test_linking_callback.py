@@ -11,9 +11,8 @@ import torch
 from conftest import TINY, wandb_media
 
 from featurelens.analysis import linking as lk
-from featurelens.analysis.linking import LinkingMap
+from featurelens.analysis.linking import Linking, LinkingConfig, LinkingMap
 from featurelens.analyze import analyze
-from featurelens.callbacks import LinkingCallback
 from featurelens.errors import ConfigError
 from featurelens.models.builders import MLP
 from featurelens.results import read_results
@@ -65,7 +64,7 @@ def test_too_few_pairs_log_nan_and_warn(cfg_factory):
 ])
 def test_bad_values_name_the_key(kwargs, key):
     with pytest.raises(ConfigError, match=key):
-        LinkingCallback(**kwargs)
+        LinkingConfig(**kwargs)
 
 
 def test_overlapping_heldout_seeds_and_missing_generator_are_config_errors(cfg_factory, tmp_path):
@@ -80,22 +79,21 @@ def test_overlapping_heldout_seeds_and_missing_generator_are_config_errors(cfg_f
 
 
 def test_pair_counts_and_heldout_seeds_follow_the_head_width_and_the_classes():
-    cb = LinkingCallback(classes=[996, 997, 998, 999])
+    cb = Linking(classes=[996, 997, 998, 999])
     min_pairs, n_per_class, seed_base, heldout_base = cb._pair_counts(2048, [996, 997, 998, 999])
     assert (min_pairs, n_per_class, seed_base) == (4096, 1280, 0)  # 4 x 1280 = 5120 >= 2 d: a map is fitted
     assert heldout_base == 1000 * 20 * 1280  # right after class 999's last training seed: disjoint
     assert cb._pair_counts(128, [0, 1, 2, 3])[:2] == (256, 500)  # small heads keep 500 per class
-    fixed = LinkingCallback(pairs={"n_per_class": 12, "heldout_base": 10**9}, min_pairs=4)
+    fixed = Linking(pairs={"n_per_class": 12, "heldout_base": 10**9}, min_pairs=4)
     assert fixed._pair_counts(2048, [0, 1]) == (4, 12, 0, 10**9)
 
 
 def test_the_classifier_sees_the_central_crop_of_generated_images():
-    ctx = SimpleNamespace(device="cpu", datamodule=SimpleNamespace(
-        normalisation=lambda: ([0.0] * 3, [1.0] * 3), input_size=4, channels=3, setup=lambda stage=None: None))
+    data = SimpleNamespace(normalisation=lambda: ([0.0] * 3, [1.0] * 3), input_size=4, channels=3)
     x = torch.rand(2, 3, 8, 8)
     stylegan_like = SimpleNamespace(classifier_crop=0.5)
-    torch.testing.assert_close(LinkingCallback()._view(ctx, stylegan_like)(x), x[..., 2:6, 2:6])
-    whole = LinkingCallback(crop=1.0)._view(ctx, stylegan_like)(x)  # the option to resize the whole image
+    torch.testing.assert_close(Linking()._view(data, stylegan_like, "cpu")(x), x[..., 2:6, 2:6])
+    whole = Linking(crop=1.0)._view(data, stylegan_like, "cpu")(x)  # the option to resize the whole image
     torch.testing.assert_close(whole, torch.nn.functional.interpolate(x, size=(4, 4), mode="bilinear",
                                                                       antialias=True))
     big = torch.rand(1, 3, 256, 256)

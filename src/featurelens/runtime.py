@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import traceback
+import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,7 +49,8 @@ def register_configs() -> None:
         node = dataclasses.make_dataclass(f"{cls.Config.__name__}Node", [
             ("_target_", str, "featurelens.callbacks.AnalysisCallback"), ("_convert_", str, "all"),
             ("analysis", str, name), ("every_n_epochs", int, 1),
-            *((key, str, value) for key, value in cls.hydra_defaults.items())], bases=(cls.Config,))
+            *((key, typing.get_type_hints(cls.Config)[key], value) for key, value in cls.hydra_defaults.items())],
+            bases=(cls.Config,))
         store.store(group="analysis", name=name, node={name: node})
 
 

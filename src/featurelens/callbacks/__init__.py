@@ -2,7 +2,6 @@
 analyses, and the subclasses of those not yet registered."""
 
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext
-from featurelens.callbacks.linking import LinkingCallback
 from featurelens.callbacks.specialization import SpecializationCallback
 
-__all__ = ["AnalysisCallback", "AnalysisContext", "LinkingCallback", "SpecializationCallback"]
+__all__ = ["AnalysisCallback", "AnalysisContext", "SpecializationCallback"]
