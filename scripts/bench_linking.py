@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from featurelens.analysis import linking as lk
-from featurelens.callbacks.base import AnalysisContext, model_preprocess
+from featurelens.analysis.base import model_input
 from featurelens.data import ImageDataModule
 from featurelens.models import build_model
 from featurelens.models.generators.store import train_from_config
@@ -75,8 +75,7 @@ def main() -> None:
     stage(f"train small CNN ({args.epochs} epochs)", train_classifier, lambda acc: f"val acc {acc:.3f}")
     gen = stage(f"train cVAE ({args.gen_epochs} epochs)",
                 lambda: train_from_config({"epochs": args.gen_epochs}, data_cfg, progress=False))
-    ctx = AnalysisContext(run_dir=None, epoch=0, step=0, datamodule=dm)
-    E = lk.FeatureExtractor(model, "classifier", model_preprocess(ctx))
+    E = lk.FeatureExtractor(model, "classifier", model_input(dm))
     classes = [0, 1, 2, 3]
     with torch.no_grad():
         train = stage(f"build pairs ({args.n_per_class}/class, 4 classes)",

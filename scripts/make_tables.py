@@ -280,7 +280,7 @@ def specialization_frame(jobs: list[Path], settings: Settings) -> pd.DataFrame:
 
 
 def specialization_tables(frame: pd.DataFrame, settings: Settings, out: Path) -> list[Path]:
-    from featurelens.analysis.specialization import bates_cdf, benjamini_hochberg
+    from featurelens.analysis.specialization.measure import bates_cdf, benjamini_hochberg
 
     out.mkdir(parents=True, exist_ok=True)
     rows = []

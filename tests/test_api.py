@@ -18,6 +18,7 @@ from featurelens.analysis.base import Analysis, Loaders, Result
 from featurelens.analysis.chirality import ChiralityResult
 from featurelens.analysis.class_filters import ClassFiltersResult
 from featurelens.analysis.dissection import DissectionResult
+from featurelens.analysis.specialization import SpecializationResult
 from featurelens.api import REGISTRY
 from featurelens.data import ImageDataModule
 from featurelens.data.synthbroden import write_synthbroden
@@ -104,6 +105,26 @@ def test_dissection_of_a_broden_directory_finds_the_planted_colour_units(tmp_pat
         assert (tmp_path / "out" / name).is_file(), name
 
 
+def test_specialization_of_two_disconnected_halves_finds_them():
+    """The weight graph of an MLP made of two disconnected halves: k = 2 clusters are the halves, n-cut 0."""
+    from featurelens.models.builders import MLP
+
+    torch.manual_seed(0)
+    model = MLP(8, [8, 8], num_classes=4)
+    with torch.no_grad():
+        for layer in (model.features[1], model.features[3], model.classifier):
+            out_half, in_half = layer.out_features // 2, layer.in_features // 2
+            layer.weight[:out_half, in_half:] = 0
+            layer.weight[out_half:, :in_half] = 0
+    result = featurelens.run("specialization", model, train=[], parts=["weights"], k=2, n_shuffles=3)
+    assert isinstance(result, SpecializationResult)
+    assert result.values["weights/ncut"] == pytest.approx(0.0, abs=1e-9)
+    labels = result.details["labels"]["weights"]  # only the cut between the halves costs nothing
+    assert set(labels.tolist()) == {0, 1} and result.values["weights/n_isolated"] == 0
+    with pytest.raises(ConfigError, match="give data= a featurelens ImageDataModule"):
+        featurelens.run("specialization", model, train=[], parts=["weights", "activations"], k=2)
+
+
 def test_n_per_class_keeps_the_first_images_of_each_class():
     model, batches = _planted(n_per_class=6)
     result = featurelens.run("class_filters", model, train=batches, val=batches, n_per_class=2, k=2)
@@ -126,7 +147,7 @@ def test_a_data_module_and_its_plain_loaders_give_the_same_result():
 
 def test_api_errors_name_the_problem():
     model, batches = _planted()
-    with pytest.raises(ConfigError, match=r"not registered; valid: \['chirality', 'class_filters', 'dissection'"):
+    with pytest.raises(ConfigError, match=r"not registered; valid: \['chirality', .*'specialization'\]"):
         featurelens.run("nope", model, train=batches)
     with pytest.raises(ConfigError, match="give train="):
         featurelens.run("class_filters", model)

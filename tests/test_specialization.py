@@ -154,7 +154,7 @@ def test_several_clustering_seeds_keep_the_lowest_ncut_and_report_the_spread():
     np.testing.assert_allclose(res["shuffled_ncuts"], one["shuffled_ncuts"])  # the shuffles are unchanged
     assert res["ncut_seeds"][0] == pytest.approx(one["ncut"])  # child 0 is the single-seed clustering
     children = np.random.SeedSequence(0).spawn(3 + 4)
-    by_hand = [spec.ncut(g.adjacency, spec.spectral_partition(g.adjacency, 4, spec._child_int(c), 2))
+    by_hand = [spec.ncut(g.adjacency, spec.spectral_partition(g.adjacency, 4, spec.measure._child_int(c), 2))
                for c in (children[0], *children[4:])]
     np.testing.assert_allclose(res["ncut_seeds"], by_hand)
     assert res["ncut"] == min(by_hand) == pytest.approx(spec.ncut(g.adjacency, res["labels"]))

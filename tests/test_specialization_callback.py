@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY
-from torch import nn
 
 from featurelens.analysis import specialization as spec
 from featurelens.analyze import analyze
@@ -147,17 +146,19 @@ def test_bad_specialization_values_are_rejected(cfg_factory, override):
 
 
 def test_re_analysing_an_epoch_replaces_its_shuffle_rows(tmp_path):
-    """A run resumed into its own directory analyses the interrupted epoch again: no duplicated rows."""
-    from featurelens.callbacks import AnalysisContext, SpecializationCallback
+    """A run resumed into its own directory analyses the interrupted epoch again: no duplicated rows
+    (shuffles.csv is written from the history, in which the callback keeps one record per epoch)."""
+    from featurelens.analysis.specialization import Specialization, SpecializationResult
 
-    cb = SpecializationCallback(k=2, n_shuffles=2)
-    cb.run_dir = tmp_path
-    cb.out_dir.mkdir(parents=True)
-    p = "specialization/"
+    analysis = Specialization(k=2, n_shuffles=2)
+    details = {"nodes": [], "labels": {}, "subclusters": [], "vis_grids": {}}
+    history: list[dict] = []
     for epoch, ncuts in ((1, [0.5, 0.6]), (2, [0.7, 0.8]), (2, [0.9, 1.0])):
-        record = {p + "weights/shuffled_ncuts": ncuts, p + "activations/shuffled_ncuts": [1.5]}
-        cb.report(nn.Linear(2, 2), AnalysisContext(tmp_path, epoch, 0), record)
-    rows = pd.read_csv(cb.out_dir / "shuffles.csv")
+        result = SpecializationResult(epoch, {"weights/shuffled_ncuts": ncuts, "activations/shuffled_ncuts": [1.5]},
+                                      details)
+        history = [r for r in history if r["epoch"] != epoch] + [result.record()]
+        analysis.report(result, tmp_path, final=False, history=history)
+    rows = pd.read_csv(tmp_path / "shuffles.csv")
     assert rows.groupby(["epoch", "partition"]).size().to_dict() == {(1, "activations"): 1, (1, "weights"): 2,
                                                                      (2, "activations"): 1, (2, "weights"): 2}
     assert rows[rows.epoch == 2].ncut.tolist() == [0.9, 1.0, 1.5]  # the later analysis wins

@@ -130,15 +130,22 @@ def _run_files(run_dir: Path, partial: bool = False) -> dict[str, str]:
     return files
 
 
+# every analysis but linking (its cVAE training would double the test's time; its state is its generator)
+RESUMED_ANALYSES = ["analysis=[chirality,class_filters,dissection,specialization]",
+                    "analysis.dissection.synthbroden.n_images=24", "analysis.dissection.batch_size=16",
+                    "analysis.specialization.k=3", "analysis.specialization.n_shuffles=2",
+                    "analysis.specialization.act_samples=40"]
+
+
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
-    full = _cli_run(tmp_path / "full")
+    full = _cli_run(tmp_path / "full", *RESUMED_ANALYSES)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _cli_run(tmp_path / "killed", kill_epoch=2)
+    killed = _cli_run(tmp_path / "killed", *RESUMED_ANALYSES, kill_epoch=2)
     assert killed.returncode == -signal.SIGKILL
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == 1
-    resumed = _cli_run(tmp_path / "resumed", f"ckpt_path={last}")
+    resumed = _cli_run(tmp_path / "resumed", *RESUMED_ANALYSES, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the resumed run's own dir holds the whole records history; tables of epochs before the kill stay in the first
     want = _run_files(tmp_path / "full")
@@ -146,10 +153,15 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         assert got[name] == want[name], name
+    assert {name.split("/")[1] for name in want if name.startswith("analysis/")} == {
+        "chirality", "class_filters", "dissection", "specialization"}
     records = read_results(tmp_path / "resumed" / "analysis" / "class_filters" / "results.jsonl")
     first_resumed = records[2]
     assert first_resumed["epoch"] == 2
     assert {"train/acc", "train/loss_epoch", "val/acc", "class_filters/stability"} <= set(first_resumed)
+    # specialization analyses epochs 0 and 3: the resumed run compares epoch 3 with the checkpointed epoch-0 labels
+    spec = read_results(tmp_path / "resumed" / "analysis" / "specialization" / "results.jsonl")
+    assert [r["epoch"] for r in spec] == [0, 3] and "specialization/weights/ari_prev_epoch" in spec[1]
 
 
 def test_train_metrics_in_a_record_are_that_epochs(cfg_factory):

@@ -101,11 +101,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg)
     records = {}
     for cb in analyses:
-        def probe(cb: AnalysisCallback = cb) -> tuple[torch.Tensor, torch.Tensor]:
-            x, y = datamodule.probe_set(cb.probe_size, cb.probe_seed)
-            return x.to(device), y.to(device)
-
-        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, probe=probe, datamodule=datamodule,
+        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, datamodule=datamodule,
                               device=device)
         records[cb.name] = cb.run_once(net, ctx)
         if isinstance(cb.analysis, ClassFilters) and cb.analysis.config.finetune.enabled:

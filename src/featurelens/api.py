@@ -22,6 +22,7 @@ import featurelens.analysis.chirality  # noqa: F401  (registers the analysis)
 import featurelens.analysis.class_filters  # noqa: F401
 import featurelens.analysis.dissection  # noqa: F401
 import featurelens.analysis.linking  # noqa: F401
+import featurelens.analysis.specialization  # noqa: F401
 from featurelens.analysis.base import REGISTRY, Data, Loaders, Result, get
 from featurelens.analysis.hooks import analysis_mode
 

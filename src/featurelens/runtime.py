@@ -48,7 +48,7 @@ def register_configs() -> None:
     for name, cls in REGISTRY.items():
         node = dataclasses.make_dataclass(f"{cls.Config.__name__}Node", [
             ("_target_", str, "featurelens.callbacks.AnalysisCallback"), ("_convert_", str, "all"),
-            ("analysis", str, name), ("every_n_epochs", int, 1),
+            ("analysis", str, name), ("every_n_epochs", int | None, cls.every_n_epochs),
             *((key, typing.get_type_hints(cls.Config)[key], value) for key, value in cls.hydra_defaults.items())],
             bases=(cls.Config,))
         store.store(group="analysis", name=name, node={name: node})

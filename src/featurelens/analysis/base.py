@@ -171,6 +171,8 @@ class Analysis:
     #: True: every rank runs on its shard of the data and the torchmetrics states are summed across ranks;
     #: False: the values depend only on the weights, so rank 0 runs it alone
     sharded: ClassVar[bool] = False
+    #: the training schedule's default: every n-th epoch (None: epoch 0 and the last epoch only)
+    every_n_epochs: ClassVar[int | None] = 1
     #: Config fields whose default differs under Hydra (an interpolation of the composed config)
     hydra_defaults: ClassVar[dict[str, str]] = {}
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from featurelens.analysis.hooks import eval_mode
-from featurelens.analysis.specialization import (
+from featurelens.analysis.specialization.measure import (
     fisher_combine,
     mean_sem,
     percentile_left,

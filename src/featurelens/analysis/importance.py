@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from featurelens.analysis.hooks import eval_mode
-from featurelens.analysis.specialization import (
+from featurelens.analysis.specialization.measure import (
     WeightGraph,
     fisher_combine,
     mean_sem,

@@ -2,6 +2,5 @@
 analyses, and the subclasses of those not yet registered."""
 
 from featurelens.callbacks.base import AnalysisCallback, AnalysisContext
-from featurelens.callbacks.specialization import SpecializationCallback
 
-__all__ = ["AnalysisCallback", "AnalysisContext", "SpecializationCallback"]
+__all__ = ["AnalysisCallback", "AnalysisContext"]

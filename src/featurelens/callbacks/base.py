@@ -1,10 +1,8 @@
-"""The analysis-callback framework: when analyses run, where their results go, how they survive a resume.
+"""The one Lightning callback of the analyses: when they run, where their results go, how they survive a resume.
 
-A registered analysis (``featurelens.analysis.base``) runs in this generic callback as
-``AnalysisCallback(analysis=<name>, every_n_epochs=…, **its config)``, the node ``analysis=<name>`` composes;
-its state (``Analysis.state_dict``) is checkpointed with the callback. Analyses not yet registered subclass
-:class:`AnalysisCallback` and implement :meth:`compute` (scalars) and optionally :meth:`report` (figures,
-tables) and :meth:`summarize` (end-of-run scalars). The base class
+Every registered analysis (``featurelens.analysis.base``) runs in :class:`AnalysisCallback` as
+``AnalysisCallback(analysis=<name>, every_n_epochs=…, **its config)``, the node ``analysis=<name>`` composes.
+The callback
 
 - runs it at epoch 0 (``on_train_start``, before any optimiser step) and after every ``every_n_epochs``-th
   epoch (``on_validation_end``, after the epoch's validation metrics exist and before ``ModelCheckpoint``
@@ -14,9 +12,11 @@ tables) and :meth:`summarize` (end-of-run scalars). The base class
   analysis never perturbs training;
 - writes one line per analysed epoch to the run log (``train.log``): its ``headline`` values and how long the
   computation and the report took;
-- logs ``<name>/<key>`` scalars to every logger, appends the record to
-  ``<run_dir>/analysis/<name>/results.jsonl`` and keeps it in ``history``, which is checkpointed, so a
-  resumed run rewrites the file from the history and continues without duplicated or lost epochs.
+- logs ``<name>/<key>`` scalars to every logger (and the report's tables, figures, galleries and histograms to
+  W&B), appends the record to ``<run_dir>/analysis/<name>/results.jsonl`` and keeps it in ``history``, which is
+  checkpointed with the analysis' own state (``Analysis.state_dict``), so a resumed run rewrites the file from
+  the history and continues without duplicated or lost epochs;
+- runs on every rank for a ``sharded`` analysis (its torchmetrics states sync), else on rank 0 only.
 
 ``run_once`` is the same pipeline without a Trainer, used by ``analyze.py``.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
 
-from featurelens.analysis.base import Analysis, Result, model_input
+from featurelens.analysis.base import Analysis, Result
 from featurelens.analysis.hooks import analysis_mode
 from featurelens.api import get as get_analysis
 from featurelens.results import ResultsFile, jsonable, write_json
@@ -52,18 +51,10 @@ class AnalysisContext:
     step: int
     final: bool = False
     loggers: list[Logger] = field(default_factory=list)
-    probe: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     datamodule: Any = None  # the ImageDataModule, for analyses that stream over a split
     shard: tuple[int, int] = (0, 1)  # (rank, world size): streaming analyses split their data across ranks
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-
-def model_preprocess(ctx: AnalysisContext) -> Callable[[torch.Tensor], torch.Tensor]:
-    """[0, 1] images (rendered or generated) -> the model's input: channels, size, training normalisation."""
-    if ctx.datamodule is None or not hasattr(ctx.datamodule, "setup"):
-        raise RuntimeError("the model's preprocessing needs a featurelens ImageDataModule")
-    return model_input(ctx.datamodule, ctx.device)
 
 
 def wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
@@ -76,45 +67,32 @@ def log_scalars(loggers: list[Logger], scalars: dict[str, float], step: int) -> 
 
 
 class AnalysisCallback(pl.Callback):
-    """Base class of the analysis callbacks; see the module docstring."""
+    """Schedules the registered analysis ``analysis`` (built from ``params``, its config fields) in training and
+    serves ``analyze.py`` through :meth:`run_once`; see the module docstring. ``every_n_epochs``: None analyses
+    epoch 0 and the last epoch only."""
 
-    name = "analysis"
-    #: analyses on identical weights need only rank 0; accumulating (torchmetrics) analyses set False
-    rank_zero_only = True
-    #: the keys of :meth:`compute`'s values that the per-epoch log line shows
-    headline: tuple[str, ...] = ()
-
-    def __init__(self, every_n_epochs: int = 1, probe_size: int = 500, probe_seed: int = 0, *,
-                 analysis: str | None = None, **params: Any):
+    def __init__(self, analysis: str, every_n_epochs: int | None = 1, **params: Any):
         super().__init__()
-        self.analysis: Analysis | None = None
-        if analysis is not None:
-            cls = get_analysis(analysis)
-            self.analysis = cls(**params)
-            self.name, self.headline, self.rank_zero_only = cls.name, cls.headline, not cls.sharded
-        elif params:
-            raise TypeError(f"unexpected parameters {sorted(params)} (no registered analysis given)")
-        self.result: Result | None = None  # a registered analysis' last typed result
+        cls = get_analysis(analysis)
+        self.analysis: Analysis = cls(**params)
+        self.name, self.headline = cls.name, cls.headline
+        self.rank_zero_only = not cls.sharded  # analyses on identical weights need only rank 0
+        self.result: Result | None = None  # the last typed result
         self.every_n_epochs = every_n_epochs
-        self.probe_size, self.probe_seed = probe_size, probe_seed
         self.history: list[dict[str, Any]] = []
         self.run_dir: Path | None = None
-        self._probe: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    # ------------------------------------------------------------------ subclass API
+    # ------------------------------------------------------------------ the analysis
     def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
-        """Return the analysis values for this epoch; scalars (floats) are logged, other values kept."""
-        if self.analysis is None:
-            raise NotImplementedError
+        """The analysis' values for this epoch; scalars (floats) are logged, other values kept."""
         if ctx.datamodule is None:
             raise RuntimeError(f"{self.name} needs the data module (training or validation images)")
         self.result = self.analysis.run(model, ctx.datamodule, epoch=ctx.epoch, shard=ctx.shard, final=ctx.final)
         return self.result.values
 
     def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
-        """Write figures and tables for this epoch (optional); a registered analysis' tables and figures go to
-        W&B as well."""
-        if self.analysis is None or self.result is None:
+        """Write this epoch's files and figures; its tables, figures, galleries and histograms go to W&B too."""
+        if self.result is None:
             return
         written = self.analysis.report(self.result, self.out_dir, final=ctx.final, history=self.history)
         loggers = wandb_loggers(ctx.loggers)
@@ -137,8 +115,8 @@ class AnalysisCallback(pl.Callback):
                                  caption=[p.stem for p in paths], step=ctx.step)
 
     def summarize(self, ctx: AnalysisContext) -> dict[str, float]:
-        """End-of-run scalars computed from ``history`` (optional)."""
-        return self.analysis.summarize(self.history) if self.analysis is not None else {}
+        """End-of-run scalars computed from ``history``."""
+        return self.analysis.summarize(self.history)
 
     # ------------------------------------------------------------------ engine
     @property
@@ -196,28 +174,19 @@ class AnalysisCallback(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1}
         metrics.update(getattr(pl_module, "epoch_train_metrics", {}))
         return AnalysisContext(self.run_dir, epoch, trainer.global_step, self._final(trainer, epoch), trainer.loggers,
-                               lambda: self._probe_batch(trainer, pl_module), metrics, trainer.datamodule,
+                               metrics, trainer.datamodule,
                                (trainer.global_rank, trainer.world_size), pl_module.device)
 
     @staticmethod
     def _final(trainer: pl.Trainer, epoch: int) -> bool:
         return bool((trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch) or trainer.should_stop)
 
-    def _probe_batch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._probe is None:
-            datamodule = trainer.datamodule
-            if datamodule is None or not hasattr(datamodule, "probe_set"):
-                raise RuntimeError(f"{self.name}: the probe set needs a featurelens ImageDataModule")
-            self._probe = datamodule.probe_set(self.probe_size, self.probe_seed)
-        x, y = self._probe
-        return x.to(pl_module.device), y.to(pl_module.device)
-
     def _active(self, trainer: pl.Trainer) -> bool:
         return (trainer.is_global_zero or not self.rank_zero_only) and not trainer.sanity_checking
 
     def _maybe_analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        due = epoch % self.every_n_epochs == 0 or self._final(trainer, epoch)
+        due = (self.every_n_epochs is not None and epoch % self.every_n_epochs == 0) or self._final(trainer, epoch)
         if not self._active(trainer) or not due or any(r["epoch"] == epoch for r in self.history):
             return
         self.analyze(pl_module.net if hasattr(pl_module, "net") else pl_module,
@@ -247,13 +216,12 @@ class AnalysisCallback(pl.Callback):
             self.finish(self._context(trainer, pl_module, self.history[-1]["epoch"]))
 
     @property
-    def state_key(self) -> str:  # one generic callback per registered analysis, each with its own state
-        return self._generate_state_key(analysis=self.name) if self.analysis is not None else super().state_key
+    def state_key(self) -> str:  # one callback per analysis, each with its own state
+        return self._generate_state_key(analysis=self.name)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, **({"analysis": self.analysis.state_dict()} if self.analysis else {})}
+        return {"history": self.history, "analysis": self.analysis.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
-        if self.analysis is not None and "analysis" in state_dict:
-            self.analysis.load_state_dict(state_dict["analysis"])
+        self.analysis.load_state_dict(state_dict.get("analysis", {}))

@@ -1,87 +1,151 @@
-"""Local specialization (spec: ``shared/spec/specialization.md``): spectral clusters of units and how
-specialised they are. The measures are in ``analysis.specialization`` (graphs, partitions, n-cut, shuffles),
-``analysis.importance`` (lesions, dataset-example coherence) and ``analysis.featvis`` (feature
-visualisation).
+"""Hod, Filan, Casper et al.'s local specialization of one model: spectral clusters of its units and how
+specialised they are. The measures are in ``measure`` (graphs, partitions, n-cut, shuffles),
+``featurelens.analysis.importance`` (lesions, dataset-example coherence) and ``featurelens.analysis.featvis``
+(feature visualisation).
 
-Each analysed epoch builds the weight graph, partitions it and compares its n-cut with ``n_shuffles``
-shuffled networks (``weights``), and does the same without shuffles for the squared-Spearman activation
-graph of ``act_samples`` training images (``activations``). The costly parts, ``importance`` (lesion
-tests against random same-layer sets), ``coherence`` (top dataset examples) and ``visualisation``
-(optimised inputs), run where ``parts`` lists them, by default only in ``analyze.py`` and at the last
-epoch of experiment runs.
-
-Files under ``<run_dir>/analysis/specialization/``: ``results.jsonl``, ``nodes.csv``,
-``labels_<partition>_epoch<E>.npy``, ``shuffles.csv``, ``subclusters_epoch<E>.csv``,
-``cluster_sizes.png`` (layer × cluster sizes), ``ncut_shuffles.png`` (shuffled n-cuts and the true one)
-and, with visualisation, ``vis_grid_<partition>.png``. With ``activations`` in ``parts`` the importance and
-coherence statistics are computed for both partitions (``specialization/<partition>/…``).
+Each run builds the weight graph, partitions it and compares its n-cut with ``n_shuffles`` shuffled networks
+(``weights``), and does the same without shuffles for the squared-Spearman activation graph of ``act_samples``
+training images (``activations``). The costly parts, ``importance`` (lesion tests against random same-layer
+sets), ``coherence`` (top dataset examples) and ``visualisation`` (optimised inputs), run where ``parts`` lists
+them, by default only in ``analyze.py`` and at the last epoch of experiment runs. With ``activations`` in
+``parts`` the importance and coherence statistics are computed for both partitions (``<partition>/…``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import adjusted_rand_score
 from torch import nn
 
-from featurelens import plots
 from featurelens.analysis import featvis
 from featurelens.analysis import importance as imp
-from featurelens.analysis import specialization as spec
-from featurelens.callbacks.base import AnalysisCallback, AnalysisContext, model_preprocess, wandb_loggers
+from featurelens.analysis.base import Analysis, Data, Result, model_device, model_input, register
+from featurelens.analysis.specialization import measure as spec
 from featurelens.data.datamodule import targets as targets_of
 from featurelens.errors import ConfigError
-from featurelens.results import atomic_write
 
 PARTS = ("weights", "activations", "importance", "coherence", "visualisation")
 
 
-class SpecializationCallback(AnalysisCallback):
+@dataclass
+class LesionConfig:
+    """Lesions on the test split; target output: zero the unit's z (BN output); weights: zero the layer's own
+    output = the reference's zeroed weights and bias (a BN after it then outputs beta - gamma mu / sigma)."""
+
+    n_random: int = 19
+    min_size: int = 2
+    max_prop: float = 0.99
+    target: str = "output"
+
+
+@dataclass
+class CoherenceConfig:
+    top_n: int = 10
+    skip_first: bool = False
+    min_size: int = 5
+    max_prop: float = 0.75
+
+
+@dataclass
+class VisConfig:
+    steps: int = 64
+    lr: float = 0.05
+    relu_redirect_steps: int = 16
+    n_random: int = 19
+    min_size: int = 3
+    max_prop: float = 0.99
+    max_sets: int = 8
+
+
+@dataclass
+class SpecializationConfig:
+    """The parameters of local specialization (``analysis.specialization.<key>``)."""
+
+    parts: list[str] = field(default_factory=lambda: ["weights", "activations"])
+    k: int = 12  # clusters ([CL] 12; [LS] 16 for small nets, 32 for ImageNet nets)
+    n_shuffles: int = 10  # shuffled networks for the n-cut percentile (50 in the papers' analysis)
+    shuffle_method: str = "layer"  # layer | layer_nonzero (keeps pruning masks)
+    conv_norm: str = "l1"  # l1 | induced_l1 (reference) reduction of a kernel to an edge weight
+    # true: BN scales folded into the edges (the effective linear map; the partition used); false: raw kernels, as
+    # the CIFAR reference; both: the folded partition plus the unfolded graph's n-cut vs shuffles
+    # (weights_unfolded/...). The z-score differs between the two (the issue saw opposite signs on a small CNN)
+    fold_bn: Any = True
+    n_cluster_seeds: int = 3  # clusterings of each true graph: the lowest n-cut is kept, the spread logged
+    local: bool = False  # also the [LS] local (per-layer) partitions weights_local / activations_local
+    act_samples: int = 1000  # training images for the activation graph (5000 in the papers)
+    corr: str = "spearman"  # spearman (squared) | pearson | kendall
+    act_reduction: str = "mean_abs"  # mean_abs | reference (max_w sum_h)
+    seed: int = 0
+    figures_every: int = 5
+    lesion: LesionConfig = field(default_factory=LesionConfig)
+    coherence: CoherenceConfig = field(default_factory=CoherenceConfig)
+    vis: VisConfig = field(default_factory=VisConfig)
+
+    def __post_init__(self):
+        for name, cls in (("lesion", LesionConfig), ("coherence", CoherenceConfig), ("vis", VisConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        self.parts = list(self.parts)
+        bad = [p for p in self.parts if p not in PARTS]
+        if bad or not self.parts:
+            raise ConfigError(f"analysis.specialization.parts={self.parts}: choose from {list(PARTS)}")
+        if self.k < 2 or self.n_shuffles < 0 or self.act_samples < 2:
+            raise ConfigError(f"analysis.specialization: need k >= 2, n_shuffles >= 0, act_samples >= 2 "
+                              f"(got k={self.k}, n_shuffles={self.n_shuffles}, act_samples={self.act_samples})")
+        if self.fold_bn not in (True, False, "both"):
+            raise ConfigError(f"analysis.specialization.fold_bn={self.fold_bn!r}: valid: [true, false, 'both']")
+        if self.n_cluster_seeds < 1:
+            raise ConfigError(f"analysis.specialization.n_cluster_seeds={self.n_cluster_seeds}: must be >= 1")
+        if self.lesion.target not in ("output", "weights"):
+            raise ConfigError(f"analysis.specialization.lesion.target={self.lesion.target!r}: "
+                              "valid: ['output', 'weights']")
+        if self.shuffle_method not in ("layer", "layer_nonzero"):
+            raise ConfigError(f"analysis.specialization.shuffle_method={self.shuffle_method!r}: "
+                              "valid: ['layer', 'layer_nonzero']")
+
+
+@dataclass
+class SpecializationResult(Result):
+    """One analysed epoch. ``details``: the graph's node table (``nodes``), each partition's labels
+    (``labels``), the sub-cluster rows (``subclusters``) and the feature visualisations (``vis_grids``:
+    partition -> [(title, image)])."""
+
+    name: ClassVar[str] = "specialization"
+    details: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def to_frame(self):
+        """The sub-clusters' importance and coherence statistics, one row per (partition, part, set)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.details.get("subclusters", []))
+
+
+@register
+class Specialization(Analysis):
     """Spectral clusters of the weight and activation graphs and their n-cut against shuffles (+ optional
-    importance and coherence of the sub-clusters). ``every_n_epochs: null`` analyses epoch 0 and the last
-    epoch only (the default: it costs more than the other analyses)."""
+    importance and coherence of the sub-clusters). Scheduled at epoch 0 and the last epoch by default
+    (``every_n_epochs: null``): it costs more than the other analyses."""
 
     name = "specialization"
+    Config = SpecializationConfig
     headline = ("weights/ncut", "weights/ncut_z", "weights/ncut_percentile")
+    every_n_epochs = None
 
-    def __init__(self, every_n_epochs: int | None = None, parts: Sequence[str] = ("weights", "activations"),
-                 k: int = 12, n_shuffles: int = 10, shuffle_method: str = "layer", conv_norm: str = "l1",
-                 fold_bn: bool | str = True, act_samples: int = 1000, corr: str = "spearman",
-                 act_reduction: str = "mean_abs", seed: int = 0, lesion: dict[str, Any] | None = None,
-                 coherence: dict[str, Any] | None = None, vis: dict[str, Any] | None = None,
-                 figures_every: int = 5, n_cluster_seeds: int = 3, local: bool = False):
-        super().__init__(every_n_epochs or 10**9)
-        bad = [p for p in parts if p not in PARTS]
-        if bad or not parts:
-            raise ConfigError(f"analysis.specialization.parts={list(parts)}: choose from {list(PARTS)}")
-        if k < 2 or n_shuffles < 0 or act_samples < 2:
-            raise ConfigError(f"analysis.specialization: need k >= 2, n_shuffles >= 0, act_samples >= 2 "
-                              f"(got k={k}, n_shuffles={n_shuffles}, act_samples={act_samples})")
-        if fold_bn not in (True, False, "both"):
-            raise ConfigError(f"analysis.specialization.fold_bn={fold_bn!r}: valid: [true, false, 'both']")
-        if n_cluster_seeds < 1:
-            raise ConfigError(f"analysis.specialization.n_cluster_seeds={n_cluster_seeds}: must be >= 1")
-        if (lesion or {}).get("target", "output") not in ("output", "weights"):
-            raise ConfigError(f"analysis.specialization.lesion.target={lesion['target']!r}: "
-                              "valid: ['output', 'weights']")
-        if shuffle_method not in ("layer", "layer_nonzero"):
-            raise ConfigError(f"analysis.specialization.shuffle_method={shuffle_method!r}: "
-                              "valid: ['layer', 'layer_nonzero']")
-        self.parts, self.k, self.n_shuffles, self.shuffle_method = tuple(parts), k, n_shuffles, shuffle_method
+    def __init__(self, config: SpecializationConfig | None = None, **params: Any):
+        super().__init__(config, **params)
+        c = self.config
+        self.parts, self.k, self.n_shuffles, self.shuffle_method = tuple(c.parts), c.k, c.n_shuffles, c.shuffle_method
         # fold_bn "both": the folded graph is the partition; the unfolded one gets its own n-cut vs shuffles
-        self.graph_kwargs = {"conv_norm": conv_norm, "fold_bn": fold_bn is not False}
-        self.also_unfolded = fold_bn == "both"
-        self.n_cluster_seeds, self.local = n_cluster_seeds, local
-        self.act_samples, self.corr, self.act_reduction, self.seed = act_samples, corr, act_reduction, seed
-        self.lesion = {"n_random": 19, "min_size": 2, "max_prop": 0.99, "target": "output", **(lesion or {})}
-        self.coherence = {"top_n": 10, "skip_first": False, "min_size": 5, "max_prop": 0.75, **(coherence or {})}
-        self.vis = {"steps": 64, "lr": 0.05, "relu_redirect_steps": 16, "n_random": 19, "min_size": 3,
-                    "max_prop": 0.99, "max_sets": 8, **(vis or {})}
-        self.figures_every = figures_every
+        self.graph_kwargs = {"conv_norm": c.conv_norm, "fold_bn": c.fold_bn is not False}
+        self.also_unfolded = c.fold_bn == "both"
+        self.n_cluster_seeds, self.local = c.n_cluster_seeds, c.local
+        self.act_samples, self.corr, self.act_reduction, self.seed = c.act_samples, c.corr, c.act_reduction, c.seed
+        self.lesion, self.coherence, self.vis = (dataclasses.asdict(x) for x in (c.lesion, c.coherence, c.vis))
         self._prev_labels: dict[str, np.ndarray] = {}
 
     # ------------------------------------------------------------------ analysis
@@ -128,13 +192,14 @@ class SpecializationCallback(AnalysisCallback):
         return out
 
     def state_dict(self) -> dict[str, Any]:  # last partitions, for ari_prev_epoch after a resume
-        return {**super().state_dict(), "prev_labels": {k: v.tolist() for k, v in self._prev_labels.items()}}
+        return {"prev_labels": {k: v.tolist() for k, v in self._prev_labels.items()}}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._prev_labels = {k: np.asarray(v) for k, v in state_dict.get("prev_labels", {}).items()}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._prev_labels = {k: np.asarray(v) for k, v in state.get("prev_labels", {}).items()}
 
-    def compute(self, model: nn.Module, ctx: AnalysisContext) -> dict[str, Any]:
+    def run(self, model: nn.Module, data: Data, *, epoch: int = 0, shard: tuple[int, int] = (0, 1),
+            final: bool = True) -> SpecializationResult:
+        device = model_device(model)
         try:
             graph = spec.weight_graph(model, **self.graph_kwargs)
         except (NotImplementedError, ValueError) as e:
@@ -143,7 +208,7 @@ class SpecializationCallback(AnalysisCallback):
             raise ConfigError(f"analysis.specialization.k={self.k} must be below the {graph.n} graph nodes")
         values: dict[str, Any] = {"n_nodes": graph.n, "n_layers": len(graph.layer_sizes),
                                   "fold_bn": self.graph_kwargs["fold_bn"]}
-        self._write_nodes(graph)
+        details: dict[str, Any] = {"nodes": graph.node_table(), "labels": {}, "vis_grids": {}}
         cl = spec.clusterability(graph, self.k, self.n_shuffles, self.seed, shuffle_method=self.shuffle_method,
                                  n_cluster_seeds=self.n_cluster_seeds)
         labels = cl["labels"]
@@ -156,24 +221,27 @@ class SpecializationCallback(AnalysisCallback):
                                          shuffle_method=self.shuffle_method, n_cluster_seeds=self.n_cluster_seeds)
             values["weights_unfolded/ncut"] = cl_raw["ncut"]
             values.update(self._shuffle_values("weights_unfolded", cl_raw))
-        np.save(self.out_dir / f"labels_weights_epoch{ctx.epoch}.npy", labels.astype(np.int32))
+        details["labels"]["weights"] = labels
         partitions = {"weights": labels}
         if self.local:
             partitions["weights_local"] = spec.local_partition(graph, labels, self.seed)
         needs_data = {"activations", "importance", "coherence", "visualisation"} & set(self.parts)
-        if needs_data and ctx.datamodule is None:
-            raise RuntimeError(f"specialization parts {sorted(needs_data)} need the data module")
+        missing = [k for k in ("loader", "class_subset", "test_set", "num_classes") if not hasattr(data, k)]
+        if needs_data and missing:
+            raise ConfigError(f"analysis.specialization.parts {sorted(needs_data)} read the classifier's training "
+                              f"and test splits: give data= a featurelens ImageDataModule (this data has no {missing}),"
+                              " or parts=['weights']")
         act = None
         if needs_data:
-            ctx.datamodule.setup("fit")
+            data.setup("fit")
         if {"activations", "coherence"} & set(self.parts):
-            act = self._activation_graph(model, graph, ctx)
+            act = self._activation_graph(model, graph, data, device)
             act_cl = spec.activation_clusterability(act.adjacency, act.samples, self.k, self.n_shuffles, self.seed,
                                                     corr=self.corr, n_cluster_seeds=self.n_cluster_seeds)
             act_labels = act_cl["labels"]
             values.update(self._partition_values("activations", act.adjacency, act_labels))
             values.update(self._shuffle_values("activations", act_cl))
-            np.save(self.out_dir / f"labels_activations_epoch{ctx.epoch}.npy", act_labels.astype(np.int32))
+            details["labels"]["activations"] = act_labels
             common = np.concatenate([labels[graph.layer_slice(i)] for i in act.weight_layers])
             keep = (common >= 0) & (act_labels >= 0)
             values["ari_weights_vs_activations"] = float(adjusted_rand_score(common[keep], act_labels[keep]))
@@ -184,46 +252,45 @@ class SpecializationCallback(AnalysisCallback):
                                                                                                      act_labels))
         for name, part_labels in partitions.items():
             if name.endswith("_local"):
-                np.save(self.out_dir / f"labels_{name}_epoch{ctx.epoch}.npy", part_labels.astype(np.int32))
+                details["labels"][name] = part_labels
                 values[f"{name}/n_clusters"] = sum(len(set(part_labels[graph.layer_slice(i)].tolist()) - {-1})
                                                    for i in range(len(graph.layer_sizes)))
         subclusters: list[dict[str, Any]] = []
         for name, part_labels in partitions.items():
-            rows, summary = self._subcluster_statistics(model, graph, name, part_labels, act, ctx)
+            rows, summary = self._subcluster_statistics(model, graph, name, part_labels, act, data, device, details)
             folded = self.graph_kwargs["fold_bn"] if name.startswith("weights") else "n/a"  # activations: no graph
             subclusters += [{"partition": name, "bn_folded": folded, **r} for r in rows]
             values.update({f"{name}/{k}": v for k, v in summary.items()})
-        if subclusters:
-            pd.DataFrame(subclusters).to_csv(self.out_dir / f"subclusters_epoch{ctx.epoch}.csv", index=False)
-        return values
+        details["subclusters"] = subclusters
+        return SpecializationResult(epoch, values, details)
 
     def _subcluster_statistics(self, model: nn.Module, graph: spec.WeightGraph, partition: str,
-                               labels: np.ndarray, act, ctx: AnalysisContext,
+                               labels: np.ndarray, act, data: Data, device: torch.device, details: dict[str, Any],
                                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Importance and coherence of one partition's sub-clusters (the parts that ``parts`` lists)."""
         rows: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
         if "importance" in self.parts:
             imp_rows, imp_summary = imp.importance(
-                model, graph, labels, ctx.datamodule.loader(ctx.datamodule.test_set), ctx.datamodule.num_classes,
+                model, graph, labels, data.loader(data.test_set), data.num_classes,
                 n_random=self.lesion["n_random"], min_size=self.lesion["min_size"],
-                max_prop=self.lesion["max_prop"], seed=self.seed, device=ctx.device, target=self.lesion["target"])
+                max_prop=self.lesion["max_prop"], seed=self.seed, device=device, target=self.lesion["target"])
             rows += [{"part": "importance", **r} for r in imp_rows]
             summary.update({f"importance/{k}": v for k, v in imp_summary.items()})
         if "coherence" in self.parts:
-            coh_rows, coh_summary = self._dataset_coherence(graph, labels, act, ctx)
+            coh_rows, coh_summary = self._dataset_coherence(graph, labels, act, data)
             rows += coh_rows
             summary.update({f"coherence/dataset/{k}": v for k, v in coh_summary.items()})
         if "visualisation" in self.parts:
-            vis_rows, vis_summary = self._visualisation(model, graph, partition, labels, ctx)
+            vis_rows, vis_summary = self._visualisation(model, graph, partition, labels, data, device, details)
             rows += vis_rows
             summary.update({f"coherence/{k}": v for k, v in vis_summary.items()})
         return rows, summary
 
-    def _dataset_coherence(self, graph: spec.WeightGraph, labels: np.ndarray, act, ctx: AnalysisContext):
+    def _dataset_coherence(self, graph: spec.WeightGraph, labels: np.ndarray, act, data: Data):
         """§2.7 dataset examples: entropy of the labels of each sub-cluster's top training images."""
         n = act.samples.shape[0]
-        subset = self._act_subset(ctx)  # the same images, in the same order, as act.samples
+        subset = self._act_subset(data)  # the same images, in the same order, as act.samples
         targets = torch.as_tensor(targets_of(subset)[:n])
         scores = torch.as_tensor(act.samples)
         rows, pvalues, effects = [], [], []
@@ -247,10 +314,10 @@ class SpecializationCallback(AnalysisCallback):
         return rows, self._combine(pvalues, effects, effect_scale=1)  # H_r / H_S: 1 = like random
 
     def _visualisation(self, model: nn.Module, graph: spec.WeightGraph, partition: str, labels: np.ndarray,
-                       ctx: AnalysisContext):
+                       data: Data, device: torch.device, details: dict[str, Any]):
         """§2.7 feature visualisation of up to ``vis.max_sets`` sub-clusters against random same-size sets."""
-        dm = ctx.datamodule
-        prep = model_preprocess(ctx)
+        dm = data
+        prep = model_input(data, device)
         kwargs = {k: self.vis[k] for k in ("steps", "lr", "relu_redirect_steps")}
         rows, budget, grid = [], self.vis["max_sets"], []
         stats: dict[str, list[list[float]]] = {"vis_score": [[], []], "vis_entropy": [[], []]}
@@ -282,9 +349,7 @@ class SpecializationCallback(AnalysisCallback):
             if budget <= 0:
                 break
         if grid:
-            plots.image_grid([img.permute(1, 2, 0).numpy() for _, img in grid], [t for t, _ in grid],
-                             self.out_dir / f"vis_grid_{partition}.png",
-                             title=f"Feature visualisations of {partition}-partition sub-clusters")
+            details["vis_grids"][partition] = grid
         summary = {}
         for stat, (pvalues, effects) in stats.items():
             # effect factors t/(t + r_j): 2 x mean, 1 = like random (§2.6), as featvis.vis_coherence per layer
@@ -306,14 +371,14 @@ class SpecializationCallback(AnalysisCallback):
                 out["effect_sem"] = sem
         return out
 
-    def _act_subset(self, ctx: AnalysisContext):
+    def _act_subset(self, data: Data):
         """The class-balanced training images behind the activation graph (and dataset coherence)."""
-        return ctx.datamodule.class_subset(max(1, -(-self.act_samples // ctx.datamodule.num_classes)), self.seed)
+        return data.class_subset(max(1, -(-self.act_samples // data.num_classes)), self.seed)
 
-    def _activation_graph(self, model: nn.Module, graph: spec.WeightGraph, ctx: AnalysisContext):
-        loader = ctx.datamodule.loader(self._act_subset(ctx))
+    def _activation_graph(self, model: nn.Module, graph: spec.WeightGraph, data: Data, device: torch.device):
+        loader = data.loader(self._act_subset(data))
         return spec.activation_graph(model, loader, graph, max_samples=self.act_samples, corr=self.corr,
-                                     act_reduction=self.act_reduction, device=ctx.device)
+                                     act_reduction=self.act_reduction, device=device)
 
     @staticmethod
     def _cluster_sizes(labels: np.ndarray, node_layer: np.ndarray, n_layers: int) -> list[list[int]]:
@@ -323,36 +388,7 @@ class SpecializationCallback(AnalysisCallback):
         np.add.at(sizes, (node_layer[kept], labels[kept]), 1)
         return sizes.tolist()
 
-    def _write_nodes(self, graph: spec.WeightGraph) -> None:
-        path = self.out_dir / "nodes.csv"
-        if not path.exists():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            pd.DataFrame(graph.node_table()).to_csv(path, index=False)
+    def report(self, result: Result, out_dir, *, final: bool = True, history: list[dict] | None = None):
+        from featurelens.analysis.specialization.report import report
 
-    # ------------------------------------------------------------------ reporting
-    def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
-        p = "specialization/"
-        shuffles = pd.concat([pd.DataFrame({"partition": name, "epoch": ctx.epoch, "shuffle_id": range(len(ncuts)),
-                                            "ncut": ncuts})
-                              for name in ("weights", "weights_unfolded", "activations")
-                              if (ncuts := record.get(f"{p}{name}/shuffled_ncuts")) is not None])
-        path = self.out_dir / "shuffles.csv"
-        if path.exists():  # a resumed run re-analyses an epoch: its rows replace the earlier ones
-            earlier = pd.read_csv(path)
-            shuffles = pd.concat([earlier[earlier.epoch != ctx.epoch], shuffles])
-        atomic_write(path, lambda fh: fh.write(shuffles.to_csv(index=False).encode()))
-        bn = "BN folded" if self.graph_kwargs["fold_bn"] else "BN not folded"
-        if not (ctx.epoch == 0 or ctx.epoch % self.figures_every == 0 or ctx.final):
-            return
-        sizes = np.asarray(record[p + "weights/cluster_sizes"])
-        plots.heatmap(sizes, self.out_dir / "cluster_sizes.png", xlabel="cluster", ylabel="layer (forward order)",
-                      title=f"Weight-graph clusters ({bn}): units per layer and cluster (k = {self.k})")
-        if record[p + "weights/shuffled_ncuts"]:
-            plots.histogram_with_marker(record[p + "weights/shuffled_ncuts"], record[p + "weights/ncut"],
-                                        self.out_dir / "ncut_shuffles.png", xlabel="n-cut",
-                                        title=f"n-cut vs {self.n_shuffles} shuffled networks ({bn}; line: trained)")
-        for key in ("cluster_sizes", "ncut_shuffles"):
-            for lg in wandb_loggers(ctx.loggers):
-                if (self.out_dir / f"{key}.png").exists():
-                    lg.log_image(key=f"specialization/{key}", images=[str(self.out_dir / f"{key}.png")],
-                                 step=ctx.step)
+        return report(result, out_dir, self.config, final=final, history=history or [result.record()])
