@@ -90,7 +90,7 @@ class AnalysisCallback(pl.Callback):
         self.result = self.analysis.run(model, ctx.datamodule, epoch=ctx.epoch, shard=ctx.shard, final=ctx.final)
         return self.result.values
 
-    def report(self, model: nn.Module, ctx: AnalysisContext, record: dict[str, Any]) -> None:
+    def report(self, ctx: AnalysisContext) -> None:
         """Write this epoch's files and figures; its tables, figures, galleries and histograms go to W&B too."""
         if self.result is None:
             return
@@ -113,10 +113,6 @@ class AnalysisCallback(pl.Callback):
                 if paths:
                     lg.log_image(key=f"{self.name}/{key}", images=[str(p) for p in paths],
                                  caption=[p.stem for p in paths], step=ctx.step)
-
-    def summarize(self, ctx: AnalysisContext) -> dict[str, float]:
-        """End-of-run scalars computed from ``history``."""
-        return self.analysis.summarize(self.history)
 
     # ------------------------------------------------------------------ engine
     @property
@@ -145,14 +141,14 @@ class AnalysisCallback(pl.Callback):
             self.results.append(record)
             log_scalars(ctx.loggers, {**scalars, "epoch": ctx.epoch}, ctx.step)
             with analysis_mode(model):
-                self.report(model, ctx, record)
+                self.report(ctx)
             shown = ", ".join(f"{k}={values[k]:.4g}" for k in self.headline if isinstance(values.get(k), int | float))
             log.info("%s epoch %d: %s (%.1f s, report %.1f s)", self.name, ctx.epoch, shown or "done",
                      computed - start, time.perf_counter() - computed)
         return record
 
     def finish(self, ctx: AnalysisContext) -> dict[str, float]:
-        summary = {f"{self.name}/summary/{k}": v for k, v in self.summarize(ctx).items()}
+        summary = {f"{self.name}/summary/{k}": v for k, v in self.analysis.summarize(self.history).items()}
         if summary:
             log_scalars(ctx.loggers, summary, ctx.step)
         write_json(self.out_dir / "summary.json", {"epochs": [r["epoch"] for r in self.history], **summary})
