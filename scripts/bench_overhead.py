@@ -93,7 +93,7 @@ def analysis_seconds(cb: AnalysisCallback, net: torch.nn.Module, dm: ImageDataMo
                      repeats: int = 3) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cb.run_dir = Path(tmp)
-        ctx = AnalysisContext(Path(tmp), epoch=1, step=1, datamodule=dm, device=torch.device(device))
+        ctx = AnalysisContext(Path(tmp), epoch=1, step=1, datamodule=dm)
         cb.analyze(net, ctx)  # warm-up (figures' first draw, caches)
         start = time.perf_counter()
         for i in range(repeats):

@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from scipy.stats import binomtest, f_oneway
 
 from featurelens import plots
+from featurelens.analysis.base import Analysis
 from featurelens.api import REGISTRY
 from featurelens.results import read_results
 from featurelens.tables import mean_sd, without_empty_setting
@@ -472,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     if not frame.empty:
         written += chirality_tables(frame, settings, args.out, args.name)
     for name, analysis in REGISTRY.items():
+        if analysis.tables is Analysis.tables:  # its tables are still written below; reading its records is wasted
+            continue
         final = final_frame(jobs, settings, name)
         if not final.empty:
             written += analysis.tables(final, settings.line, args.out)

@@ -101,8 +101,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(cfg)
     records = {}
     for cb in analyses:
-        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, datamodule=datamodule,
-                              device=device)
+        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, datamodule=datamodule)
         records[cb.name] = cb.run_once(net, ctx)
         if isinstance(cb.analysis, ClassFilters) and cb.analysis.config.finetune.enabled:
             accs = finetune_decomposed(net, cb.result, cb.analysis.config.finetune, cb.out_dir, ctx)

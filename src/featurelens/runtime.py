@@ -267,8 +267,12 @@ def run_summary(cfg: DictConfig) -> str:
         if hc.overrides.task:
             lines.append("overrides: " + " ".join(hc.overrides.task))
     training = "trainer" in cfg
-    analyses = [name + (f" (every {node.get('every_n_epochs', 1)} epochs)" if training else "") for name, node in
-                (cfg.get("analysis") or {}).items() if isinstance(node, DictConfig) and "_target_" in node]
+    def schedule(node: DictConfig) -> str:
+        every = node.get("every_n_epochs", 1)
+        return " (epoch 0 and the last)" if every is None else f" (every {every} epochs)"
+
+    analyses = [name + (schedule(node) if training else "") for name, node in (cfg.get("analysis") or {}).items()
+                if isinstance(node, DictConfig) and "_target_" in node]
     lines.append("analyses: " + (", ".join(analyses) or "none"))
     if training:
         lines.append(f"seed {cfg.get('seed')}, {cfg.trainer.get('max_epochs')} epochs")

@@ -7,8 +7,8 @@ An analysis is a subclass of :class:`Analysis`, registered with :func:`register`
   registers it in Hydra's ConfigStore, so ``analysis=<name>`` composes it and ``--cfg job`` shows it;
 - ``run(model, data, epoch=, shard=, final=)``: the whole method, returning a :class:`Result`; it keeps what
   the next epoch needs (e.g. the previous sets) in ``state_dict()``, which the training callback checkpoints;
-- ``report(result, out_dir, final=, history=)``: its figures and files, returned as a :class:`Report` so that a
-  logger can show them too (``history``: the run's records so far, this one last, for figures over epochs);
+- ``report(result, out_dir, final=, history=)``: writes its figures and files and returns a :class:`Report` of
+  what a logger can show too (``history``: the run's records so far, this one last, for figures over epochs);
 - ``summarize(history)``: end-of-run scalars from the records (optional);
 - ``tables(frame, grouped_by, out)``: the sweep tables ``scripts/make_tables.py`` writes from the final records.
 
@@ -127,11 +127,10 @@ class Loaders:
 
 @dataclass
 class Report:
-    """What :meth:`Analysis.report` wrote: every file, and the tables (name -> (columns, rows)), figures
-    (name -> png path), galleries (name -> images, each captioned by its file name) and histograms (name ->
-    (counts, bin edges)) that a logger may show as well."""
+    """What of :meth:`Analysis.report`'s output a logger may show as well: the tables (name -> (columns, rows)),
+    figures (name -> png path), galleries (name -> images, each captioned by its file name) and histograms
+    (name -> (counts, bin edges))."""
 
-    files: list[Path] = field(default_factory=list)
     tables: dict[str, tuple[list[str], list[list[Any]]]] = field(default_factory=dict)
     figures: dict[str, Path] = field(default_factory=dict)
     galleries: dict[str, list[Path]] = field(default_factory=dict)
@@ -224,15 +223,3 @@ def get(name: str) -> type[Analysis]:
     if name not in REGISTRY:
         raise ConfigError(f"analysis {name!r} is not registered; valid: {sorted(REGISTRY)}")
     return REGISTRY[name]
-
-
-def config_fields(config_cls: type) -> dict[str, Any]:
-    """The defaults of a ``Config`` dataclass as plain values (tuples as lists), e.g. for Hydra's ConfigStore."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    return {k: plain(v) for k, v in dataclasses.asdict(config_cls()).items()}

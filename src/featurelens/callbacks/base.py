@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
 
@@ -54,7 +53,6 @@ class AnalysisContext:
     metrics: dict[str, float] = field(default_factory=dict)
     datamodule: Any = None  # the ImageDataModule, for analyses that stream over a split
     shard: tuple[int, int] = (0, 1)  # (rank, world size): streaming analyses split their data across ranks
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
 
 def wandb_loggers(loggers: list[Logger]) -> list[WandbLogger]:
@@ -140,8 +138,7 @@ class AnalysisCallback(pl.Callback):
         if ctx.shard[0] == 0:  # every rank computes (and syncs); rank 0 writes
             self.results.append(record)
             log_scalars(ctx.loggers, {**scalars, "epoch": ctx.epoch}, ctx.step)
-            with analysis_mode(model):
-                self.report(ctx)
+            self.report(ctx)
             shown = ", ".join(f"{k}={values[k]:.4g}" for k in self.headline if isinstance(values.get(k), int | float))
             log.info("%s epoch %d: %s (%.1f s, report %.1f s)", self.name, ctx.epoch, shown or "done",
                      computed - start, time.perf_counter() - computed)
@@ -171,7 +168,7 @@ class AnalysisCallback(pl.Callback):
         metrics.update(getattr(pl_module, "epoch_train_metrics", {}))
         return AnalysisContext(self.run_dir, epoch, trainer.global_step, self._final(trainer, epoch), trainer.loggers,
                                metrics, trainer.datamodule,
-                               (trainer.global_rank, trainer.world_size), pl_module.device)
+                               (trainer.global_rank, trainer.world_size))
 
     @staticmethod
     def _final(trainer: pl.Trainer, epoch: int) -> bool:

@@ -31,14 +31,12 @@ def report(result, out_dir: Path, config, *, final: bool, history: list[dict]) -
         path = out_dir / f"table_epoch{epoch}.csv"
         table.to_csv(path, index=False)
         split = table.to_dict("split")
-        rep.files.append(path)
         rep.tables["table"] = (split["columns"], split["data"])
         rep.figures["chirality_vs_epoch"] = _trajectory(history, layers, out_dir)
         rep.figures["rho_hist_first_last"] = _histograms(history, layers, edges, out_dir)
         rep.figures["c_norm_by_layer"] = _layer_profile(history, layers, config.hist_every, out_dir)
     if final and result.conv1 is not None:
         rep.figures["conv1_by_rho"] = _conv1(*result.conv1, config.eps, out_dir)
-    rep.files += list(rep.figures.values())
     return rep
 
 

@@ -22,11 +22,10 @@ def report(result, out_dir: Path, config, *, final: bool = True) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     v, epoch = result.values, result.epoch
     table = result.to_frame()
-    files = [out_dir / f"table_epoch{epoch}.csv", out_dir / f"sets_epoch{epoch}.json"]
-    table.to_csv(files[0], index=False)
-    files[1].write_text(json.dumps(v["sets"]))
+    table.to_csv(out_dir / f"table_epoch{epoch}.csv", index=False)
+    (out_dir / f"sets_epoch{epoch}.json").write_text(json.dumps(v["sets"]))
     split = table.to_dict("split")  # plain Python values, for any logger
-    rep = Report(files, tables={"table": (split["columns"], split["data"])})
+    rep = Report(tables={"table": (split["columns"], split["data"])})
     if not (epoch == 0 or epoch % config.figures_every == 0 or final):
         return rep
     mask = result.mask.numpy()
@@ -41,7 +40,6 @@ def report(result, out_dir: Path, config, *, final: bool = True) -> Report:
         ks, {"decomposed head": [v[f"k{K}/acc_decomposed"] for K in ks]}, out_dir / "acc_vs_k.png",
         xlabel="k (features per class)", ylabel="accuracy", hline=v["acc_full"],
         title="Decomposed-head accuracy vs k (dashed: full head)")
-    rep.files += list(rep.figures.values())
     return rep
 
 

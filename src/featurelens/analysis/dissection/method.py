@@ -142,7 +142,6 @@ class DissectionResult(Result):
     layers: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     strips: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     label_names: list[str] = field(default_factory=list, repr=False)
-    figures: bool = True
 
     def to_frame(self):
         """The primary layer's tally: one row per unit with its best concept, score and per-category IoUs."""
@@ -257,7 +256,7 @@ class Dissection(Analysis):
         figures = epoch == 0 or epoch % c.figures_every == 0 or final
         strips = {layer: self._top_image_strips(model, layer, res, data) for layer, res in results.items()
                   if figures and c.top_units and res["top_images"] is not None and shard[0] == 0}
-        return DissectionResult(epoch, values, results, strips, list(self.concepts(data).label_names), figures)
+        return DissectionResult(epoch, values, results, strips, list(self.concepts(data).label_names))
 
     def _rotation(self, model: nn.Module, layer: str, res: dict[str, Any], data: Data, shard: tuple[int, int]
                   ) -> dict[str, Any]:
@@ -307,7 +306,7 @@ class Dissection(Analysis):
         """For the best ``top_units`` units: their top images side by side, outside the mask S_k > T_k dimmed
         to 0.2, as (H, n·W, 3) uint8 arrays."""
         concepts, device = self.concepts(data), model_device(model)
-        module = nd.resolve_layer(model, layer)
+        prep, module = model_input(data, device), nd.resolve_layer(model, layer)
         order = torch.argsort(res["labels"]["score"], descending=True)[: self.config.top_units]
         strips = {}
         for unit in order.tolist():
@@ -318,7 +317,7 @@ class Dissection(Analysis):
             x = torch.stack([item[0] for item in items])
             sh, sw = nd.parse_labels(items[0][1]).size or x.shape[-2:]
             masks = nd.unit_masks(model, module, x.to(device), unit, float(res["thresholds"][unit]),
-                                  (int(sh), int(sw)), model_input(data, device)).cpu()
+                                  (int(sh), int(sw)), prep).cpu()
             up = F.interpolate(masks[:, None].float(), size=x.shape[-2:], mode="nearest")
             strip = (x * (0.2 + 0.8 * up)).permute(0, 2, 3, 1)  # (n, H, W, 3)
             strips[unit] = torch.cat(list(strip), dim=1).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()

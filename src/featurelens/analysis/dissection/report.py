@@ -31,7 +31,6 @@ def report(result, out_dir: Path, config, *, history: list[dict]) -> Report:
         np.save(out / "iou.npy", res["iou"].numpy().astype(np.float32))
         counts = res["counts_json"]
         (out / "counts.json").write_text(json.dumps({"epoch": result.epoch, **counts}, indent=1))
-        rep.files += [out / "tally.csv", out / "thresholds.npy", out / "iou.npy", out / "counts.json"]
         log.info("dissection %s, epoch %d: %s (method A; method B: %d unique; %d forward pass%s)", layer,
                  result.epoch, counts["header"], counts["unique_B"], res["forward_passes"],
                  "" if res["forward_passes"] == 1 else "es")
@@ -54,7 +53,6 @@ def report(result, out_dir: Path, config, *, history: list[dict]) -> Report:
     if "rotation/table" in result.values:
         rep.figures["unique_vs_alpha"] = _rotation_report(result.values["rotation/table"], config.rotation.seeds,
                                                           out_dir)
-    rep.files += [*rep.figures.values(), *(p for paths in rep.galleries.values() for p in paths)]
     return rep
 
 

@@ -18,7 +18,7 @@ def report(result, out_dir: Path, config) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame({"class": last["classes"], "keep_rate": last["keep_rates"], "draws": last["n_draws"]}).to_csv(
         out / "keep_rates.csv", index=False)
-    rep = Report([out / "keep_rates.csv"])
+    rep = Report()
     if "lmap" not in last:
         return rep
     gen = config.generator
@@ -30,8 +30,6 @@ def report(result, out_dir: Path, config) -> Report:
     for key, name in (("ranges", "activation_ranges"), ("changes", "unit_changes"), ("summary", "unit_summary"),
                       ("selective", "selective_units"), ("cf", "counterfactuals")):
         last[key].to_csv(out / f"{name}.csv", index=False)
-        rep.files.append(out / f"{name}.csv")
-    rep.files.append(out / "linking_map.npz")
     for key in ("selective", "cf"):
         if not last[key].empty:
             split = last[key].to_dict("split")
@@ -57,5 +55,4 @@ def report(result, out_dir: Path, config) -> Report:
         rep.figures["counterfactuals"] = plots.image_grid(
             imgs, titles, out / "counterfactuals.png", max_cols=5,
             title="Counterfactual paths relu(r - a*s): original (a=0) to a=1")
-    rep.files += list(rep.figures.values())
     return rep

@@ -13,7 +13,6 @@ them, by default only in ``analyze.py`` and at the last epoch of experiment runs
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -138,21 +137,19 @@ class Specialization(Analysis):
 
     def __init__(self, config: SpecializationConfig | None = None, **params: Any):
         super().__init__(config, **params)
-        c = self.config
-        self.parts, self.k, self.n_shuffles, self.shuffle_method = tuple(c.parts), c.k, c.n_shuffles, c.shuffle_method
-        # fold_bn "both": the folded graph is the partition; the unfolded one gets its own n-cut vs shuffles
-        self.graph_kwargs = {"conv_norm": c.conv_norm, "fold_bn": c.fold_bn is not False}
-        self.also_unfolded = c.fold_bn == "both"
-        self.n_cluster_seeds, self.local = c.n_cluster_seeds, c.local
-        self.act_samples, self.corr, self.act_reduction, self.seed = c.act_samples, c.corr, c.act_reduction, c.seed
-        self.lesion, self.coherence, self.vis = (dataclasses.asdict(x) for x in (c.lesion, c.coherence, c.vis))
         self._prev_labels: dict[str, np.ndarray] = {}
+
+    @property
+    def _folded(self) -> bool:
+        """Whether the partitioned weight graph folds BN scales into its edges (fold_bn true or "both": the
+        unfolded graph then gets its own n-cut vs shuffles)."""
+        return self.config.fold_bn is not False
 
     # ------------------------------------------------------------------ analysis
     def _partition_values(self, name: str, adjacency, labels: np.ndarray) -> dict[str, Any]:
         value = spec.ncut(adjacency, labels)
         kept = labels[labels >= 0]
-        out = {f"{name}/ncut": value, f"{name}/ave_in_out": spec.ave_in_out(value, self.k),
+        out = {f"{name}/ncut": value, f"{name}/ave_in_out": spec.ave_in_out(value, self.config.k),
                f"{name}/n_isolated": int((labels < 0).sum()),
                f"{name}/largest_cluster_frac": float(np.bincount(kept).max() / kept.size) if kept.size else None}
         prev = self._prev_labels.get(name)
@@ -178,7 +175,7 @@ class Specialization(Analysis):
         """[LS] local activation partition (spec §2.4): each layer's own r² graph clustered into as many
         clusters as the layer has global labels (one cluster when that is 1 or the layer is too small)."""
         offsets = np.concatenate([[0], np.cumsum(act.layer_sizes)])
-        seeds = spec.seed_sequence_ints(self.seed, len(act.layer_sizes))
+        seeds = spec.seed_sequence_ints(self.config.seed, len(act.layer_sizes))
         out = np.full(act_labels.shape, -1, dtype=np.int64)
         for i in range(len(act.layer_sizes)):
             sl = slice(offsets[i], offsets[i + 1])
@@ -199,33 +196,34 @@ class Specialization(Analysis):
 
     def run(self, model: nn.Module, data: Data, *, epoch: int = 0, shard: tuple[int, int] = (0, 1),
             final: bool = True) -> SpecializationResult:
+        c = self.config
         device = model_device(model)
         try:
-            graph = spec.weight_graph(model, **self.graph_kwargs)
+            graph = spec.weight_graph(model, conv_norm=c.conv_norm, fold_bn=self._folded)
         except (NotImplementedError, ValueError) as e:
             raise ConfigError(f"specialization: cannot build the weight graph of {type(model).__name__}: {e}") from None
-        if graph.n <= self.k:
-            raise ConfigError(f"analysis.specialization.k={self.k} must be below the {graph.n} graph nodes")
+        if graph.n <= c.k:
+            raise ConfigError(f"analysis.specialization.k={c.k} must be below the {graph.n} graph nodes")
         values: dict[str, Any] = {"n_nodes": graph.n, "n_layers": len(graph.layer_sizes),
-                                  "fold_bn": self.graph_kwargs["fold_bn"]}
+                                  "fold_bn": self._folded}
         details: dict[str, Any] = {"nodes": graph.node_table(), "labels": {}, "vis_grids": {}}
-        cl = spec.clusterability(graph, self.k, self.n_shuffles, self.seed, shuffle_method=self.shuffle_method,
-                                 n_cluster_seeds=self.n_cluster_seeds)
+        cl = spec.clusterability(graph, c.k, c.n_shuffles, c.seed, shuffle_method=c.shuffle_method,
+                                 n_cluster_seeds=c.n_cluster_seeds)
         labels = cl["labels"]
         values.update(self._partition_values("weights", graph.adjacency, labels))
         values.update(self._shuffle_values("weights", cl))
         values["weights/cluster_sizes"] = self._cluster_sizes(labels, graph.node_layer, len(graph.layer_sizes))
-        if self.also_unfolded and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            unfolded = spec.weight_graph(model, conv_norm=self.graph_kwargs["conv_norm"], fold_bn=False)
-            cl_raw = spec.clusterability(unfolded, self.k, self.n_shuffles, self.seed,
-                                         shuffle_method=self.shuffle_method, n_cluster_seeds=self.n_cluster_seeds)
+        if c.fold_bn == "both" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            unfolded = spec.weight_graph(model, conv_norm=c.conv_norm, fold_bn=False)
+            cl_raw = spec.clusterability(unfolded, c.k, c.n_shuffles, c.seed,
+                                         shuffle_method=c.shuffle_method, n_cluster_seeds=c.n_cluster_seeds)
             values["weights_unfolded/ncut"] = cl_raw["ncut"]
             values.update(self._shuffle_values("weights_unfolded", cl_raw))
         details["labels"]["weights"] = labels
         partitions = {"weights": labels}
-        if self.local:
-            partitions["weights_local"] = spec.local_partition(graph, labels, self.seed)
-        needs_data = {"activations", "importance", "coherence", "visualisation"} & set(self.parts)
+        if c.local:
+            partitions["weights_local"] = spec.local_partition(graph, labels, c.seed)
+        needs_data = {"activations", "importance", "coherence", "visualisation"} & set(c.parts)
         missing = [k for k in ("loader", "class_subset", "test_set", "num_classes") if not hasattr(data, k)]
         if needs_data and missing:
             raise ConfigError(f"analysis.specialization.parts {sorted(needs_data)} read the classifier's training "
@@ -234,10 +232,10 @@ class Specialization(Analysis):
         act = None
         if needs_data:
             data.setup("fit")
-        if {"activations", "coherence"} & set(self.parts):
+        if {"activations", "coherence"} & set(c.parts):
             act = self._activation_graph(model, graph, data, device)
-            act_cl = spec.activation_clusterability(act.adjacency, act.samples, self.k, self.n_shuffles, self.seed,
-                                                    corr=self.corr, n_cluster_seeds=self.n_cluster_seeds)
+            act_cl = spec.activation_clusterability(act.adjacency, act.samples, c.k, c.n_shuffles, c.seed,
+                                                    corr=c.corr, n_cluster_seeds=c.n_cluster_seeds)
             act_labels = act_cl["labels"]
             values.update(self._partition_values("activations", act.adjacency, act_labels))
             values.update(self._shuffle_values("activations", act_cl))
@@ -245,9 +243,9 @@ class Specialization(Analysis):
             common = np.concatenate([labels[graph.layer_slice(i)] for i in act.weight_layers])
             keep = (common >= 0) & (act_labels >= 0)
             values["ari_weights_vs_activations"] = float(adjusted_rand_score(common[keep], act_labels[keep]))
-            if "activations" in self.parts:  # the activation partition as labels of the weight graph's nodes
+            if "activations" in c.parts:  # the activation partition as labels of the weight graph's nodes
                 partitions["activations"] = self._as_nodes(graph, act, act_labels)
-                if self.local:
+                if c.local:
                     partitions["activations_local"] = self._as_nodes(graph, act, self._local_activations(act,
                                                                                                      act_labels))
         for name, part_labels in partitions.items():
@@ -258,7 +256,7 @@ class Specialization(Analysis):
         subclusters: list[dict[str, Any]] = []
         for name, part_labels in partitions.items():
             rows, summary = self._subcluster_statistics(model, graph, name, part_labels, act, data, device, details)
-            folded = self.graph_kwargs["fold_bn"] if name.startswith("weights") else "n/a"  # activations: no graph
+            folded = self._folded if name.startswith("weights") else "n/a"  # activations: no graph
             subclusters += [{"partition": name, "bn_folded": folded, **r} for r in rows]
             values.update({f"{name}/{k}": v for k, v in summary.items()})
         details["subclusters"] = subclusters
@@ -268,20 +266,21 @@ class Specialization(Analysis):
                                labels: np.ndarray, act, data: Data, device: torch.device, details: dict[str, Any],
                                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Importance and coherence of one partition's sub-clusters (the parts that ``parts`` lists)."""
+        c = self.config
         rows: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
-        if "importance" in self.parts:
+        if "importance" in c.parts:
             imp_rows, imp_summary = imp.importance(
                 model, graph, labels, data.loader(data.test_set), data.num_classes,
-                n_random=self.lesion["n_random"], min_size=self.lesion["min_size"],
-                max_prop=self.lesion["max_prop"], seed=self.seed, device=device, target=self.lesion["target"])
+                n_random=c.lesion.n_random, min_size=c.lesion.min_size,
+                max_prop=c.lesion.max_prop, seed=c.seed, device=device, target=c.lesion.target)
             rows += [{"part": "importance", **r} for r in imp_rows]
             summary.update({f"importance/{k}": v for k, v in imp_summary.items()})
-        if "coherence" in self.parts:
+        if "coherence" in c.parts:
             coh_rows, coh_summary = self._dataset_coherence(graph, labels, act, data)
             rows += coh_rows
             summary.update({f"coherence/dataset/{k}": v for k, v in coh_summary.items()})
-        if "visualisation" in self.parts:
+        if "visualisation" in c.parts:
             vis_rows, vis_summary = self._visualisation(model, graph, partition, labels, data, device, details)
             rows += vis_rows
             summary.update({f"coherence/{k}": v for k, v in vis_summary.items()})
@@ -302,9 +301,9 @@ class Specialization(Analysis):
             candidates = torch.as_tensor(np.flatnonzero(~graph.isolated[graph.layer_slice(layer)]))
             layer_rows, _ = imp.dataset_coherence(
                 scores[:, offsets[i]:offsets[i + 1]], targets, list(clusters.values()),
-                top_n=self.coherence["top_n"], skip_first=self.coherence["skip_first"],
-                n_random=self.lesion["n_random"], min_size=self.coherence["min_size"],
-                max_prop=self.coherence["max_prop"], seed=self.seed + layer, candidates=candidates)
+                top_n=self.config.coherence.top_n, skip_first=self.config.coherence.skip_first,
+                n_random=self.config.lesion.n_random, min_size=self.config.coherence.min_size,
+                max_prop=self.config.coherence.max_prop, seed=self.config.seed + layer, candidates=candidates)
             cluster_ids = list(clusters)
             for r in layer_rows:
                 rows.append({"part": "coherence_dataset", "layer": graph.layer_names[layer],
@@ -318,8 +317,8 @@ class Specialization(Analysis):
         """§2.7 feature visualisation of up to ``vis.max_sets`` sub-clusters against random same-size sets."""
         dm = data
         prep = model_input(data, device)
-        kwargs = {k: self.vis[k] for k in ("steps", "lr", "relu_redirect_steps")}
-        rows, budget, grid = [], self.vis["max_sets"], []
+        kwargs = {k: getattr(self.config.vis, k) for k in ("steps", "lr", "relu_redirect_steps")}
+        rows, budget, grid = [], self.config.vis.max_sets, []
         stats: dict[str, list[list[float]]] = {"vis_score": [[], []], "vis_entropy": [[], []]}
         for layer in imp.eligible_layers(graph):
             clusters = imp.layer_clusters(graph, labels, layer)
@@ -329,8 +328,8 @@ class Specialization(Analysis):
             z_module = model.get_submodule(graph.z_modules[layer])
             candidates = torch.as_tensor(np.flatnonzero(~graph.isolated[graph.layer_slice(layer)]))
             layer_rows, _ = featvis.vis_coherence(
-                model, z_module, sets, int(graph.layer_sizes[layer]), candidates, n_random=self.vis["n_random"],
-                seed=self.seed + layer, min_size=self.vis["min_size"], max_frac=self.vis["max_prop"],
+                model, z_module, sets, int(graph.layer_sizes[layer]), candidates, n_random=self.config.vis.n_random,
+                seed=self.config.seed + layer, min_size=self.config.vis.min_size, max_frac=self.config.vis.max_prop,
                 size=dm.input_size, channels=dm.channels, preprocess=prep, **kwargs)
             budget -= len(layer_rows)
             cluster_ids = list(clusters)
@@ -343,7 +342,7 @@ class Specialization(Analysis):
             if layer_rows and len(grid) < 4:
                 images, *_ = featvis.visualise(model, z_module, [sets[r["set_index"]] for r in layer_rows[:4]],
                                                size=dm.input_size, channels=dm.channels,
-                                               preprocess=prep, seed=self.seed, **kwargs)
+                                               preprocess=prep, seed=self.config.seed, **kwargs)
                 grid += [(f"{graph.layer_names[layer]} #{r['set_index']}", img) for r, img in zip(
                     layer_rows[:4], images, strict=True)]
             if budget <= 0:
@@ -362,7 +361,7 @@ class Specialization(Analysis):
         p = np.asarray([v for v in pvalues if v is not None and np.isfinite(v)], dtype=float)
         out: dict[str, float] = {"n_sets": int(p.size)}
         if p.size:
-            fisher = spec.fisher_combine(p, n_random=self.lesion["n_random"])
+            fisher = spec.fisher_combine(p, n_random=self.config.lesion.n_random)
             out.update(fisher_p=float(fisher.pvalue), fisher_stat=float(fisher.fisher_stat))
         effect, sem = spec.mean_sem(effects, scale=effect_scale)
         if np.isfinite(effect):
@@ -373,12 +372,12 @@ class Specialization(Analysis):
 
     def _act_subset(self, data: Data):
         """The class-balanced training images behind the activation graph (and dataset coherence)."""
-        return data.class_subset(max(1, -(-self.act_samples // data.num_classes)), self.seed)
+        return data.class_subset(max(1, -(-self.config.act_samples // data.num_classes)), self.config.seed)
 
     def _activation_graph(self, model: nn.Module, graph: spec.WeightGraph, data: Data, device: torch.device):
         loader = data.loader(self._act_subset(data))
-        return spec.activation_graph(model, loader, graph, max_samples=self.act_samples, corr=self.corr,
-                                     act_reduction=self.act_reduction, device=device)
+        return spec.activation_graph(model, loader, graph, max_samples=self.config.act_samples, corr=self.config.corr,
+                                     act_reduction=self.config.act_reduction, device=device)
 
     @staticmethod
     def _cluster_sizes(labels: np.ndarray, node_layer: np.ndarray, n_layers: int) -> list[list[int]]:

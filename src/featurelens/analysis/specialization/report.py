@@ -24,10 +24,8 @@ def report(result, out_dir: Path, config, *, final: bool, history: list[dict]) -
     pd.DataFrame(d["nodes"]).to_csv(nodes, index=False)
     for name, labels in d["labels"].items():
         np.save(out_dir / f"labels_{name}_epoch{epoch}.npy", labels.astype(np.int32))
-        rep.files.append(out_dir / f"labels_{name}_epoch{epoch}.npy")
     if d["subclusters"]:
         pd.DataFrame(d["subclusters"]).to_csv(out_dir / f"subclusters_epoch{epoch}.csv", index=False)
-        rep.files.append(out_dir / f"subclusters_epoch{epoch}.csv")
     for partition, grid in d["vis_grids"].items():
         rep.figures[f"vis_grid_{partition}"] = plots.image_grid(
             [img.permute(1, 2, 0).numpy() for _, img in grid], [t for t, _ in grid],
@@ -40,7 +38,6 @@ def report(result, out_dir: Path, config, *, final: bool, history: list[dict]) -
                             columns=["partition", "epoch", "shuffle_id", "ncut"])
     path = out_dir / "shuffles.csv"
     atomic_write(path, lambda fh: fh.write(shuffles.to_csv(index=False).encode()))
-    rep.files += [nodes, path]
     if epoch == 0 or epoch % config.figures_every == 0 or final:
         bn = "BN folded" if config.fold_bn is not False else "BN not folded"
         rep.figures["cluster_sizes"] = plots.heatmap(
@@ -51,5 +48,4 @@ def report(result, out_dir: Path, config, *, final: bool, history: list[dict]) -
             rep.figures["ncut_shuffles"] = plots.histogram_with_marker(
                 v["weights/shuffled_ncuts"], v["weights/ncut"], out_dir / "ncut_shuffles.png", xlabel="n-cut",
                 title=f"n-cut vs {config.n_shuffles} shuffled networks ({bn}; line: trained)")
-    rep.files += list(rep.figures.values())
     return rep
