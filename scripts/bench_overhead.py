@@ -23,9 +23,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from featurelens.callbacks import AnalysisCallback, AnalysisContext
+from featurelens.analysis.chirality import Chirality
+from featurelens.analysis.class_filters import ClassFilters
 from featurelens.data import ImageDataModule
 from featurelens.module import Classifier
+from featurelens.runner import AnalysisContext, AnalysisRunner
 from featurelens.runtime import CONF_DIR
 from featurelens.train import build_net
 
@@ -89,16 +91,16 @@ def lightning_loop(module: Classifier, dm: ImageDataModule, epochs: int, device:
     return len(dm.train_set) / statistics.median(timer.times)
 
 
-def analysis_seconds(cb: AnalysisCallback, net: torch.nn.Module, dm: ImageDataModule, device: str,
+def analysis_seconds(runner: AnalysisRunner, net: torch.nn.Module, dm: ImageDataModule, device: str,
                      repeats: int = 3) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        cb.run_dir = Path(tmp)
-        ctx = AnalysisContext(Path(tmp), epoch=1, step=1, datamodule=dm)
-        cb.analyze(net, ctx)  # warm-up (figures' first draw, caches)
+        runner.run_dir = Path(tmp)
+        ctx = AnalysisContext(Path(tmp), epoch=1, step=1, data=dm)
+        runner.analyze(net, ctx)  # warm-up (figures' first draw, caches)
         start = time.perf_counter()
         for i in range(repeats):
             ctx.epoch = i + 2
-            cb.analyze(net, ctx)
+            runner.analyze(net, ctx)
         return (time.perf_counter() - start) / repeats
 
 
@@ -128,26 +130,26 @@ def main() -> None:
 
     net = module.net.to(args.device)
     variants = {
-        "chirality, kernels (every epoch)": AnalysisCallback(analysis="chirality", fmap={"enabled": False}),
+        "chirality, kernels (every epoch)": AnalysisRunner(Chirality(fmap={"enabled": False})),
         "chirality, kernels + feature maps, 500 probes (default: epochs 0, 5, 10, …, last)":
-            AnalysisCallback(analysis="chirality", fmap={"n_probe": 500, "every_n_epochs": 1}),
+            AnalysisRunner(Chirality(fmap={"n_probe": 500, "every_n_epochs": 1})),
         "chirality, kernels + feature maps, 100 probes":
-            AnalysisCallback(analysis="chirality", fmap={"n_probe": 100, "every_n_epochs": 1}),
+            AnalysisRunner(Chirality(fmap={"n_probe": 100, "every_n_epochs": 1})),
     }
     print(f"\n## Analysis cost per call (figures excluded: drawn only at epochs 0, 5, 10, …, last) "
           f"vs one training epoch ({epoch_s:.1f} s)\n")
     print("| analysis | seconds per call | share of an epoch |\n|---|---|---|")
     cost = {}
-    for label, cb in variants.items():
-        cost[label] = analysis_seconds(cb, net, dm, args.device)
+    for label, runner in variants.items():
+        cost[label] = analysis_seconds(runner, net, dm, args.device)
         print(f"| {label} | {cost[label]:.3f} | {100 * cost[label] / epoch_s:.1f}% |")
     kernels, with_fmap = list(cost.values())[:2]
     per_epoch = kernels + (with_fmap - kernels) / 5
     print(f"| **chirality as configured by default, per epoch (kernels every epoch, feature maps every 5th)** "
           f"| {per_epoch:.3f} | **{100 * per_epoch / epoch_s:.1f}%** |")
     for n_per_class, cache_mb in ((100, 64), (100, 0), (None, 64)):
-        cb = AnalysisCallback(analysis="class_filters", n_per_class=n_per_class, cache_mb=cache_mb)
-        s = analysis_seconds(cb, net, dm, args.device)
+        runner = AnalysisRunner(ClassFilters(n_per_class=n_per_class, cache_mb=cache_mb))
+        s = analysis_seconds(runner, net, dm, args.device)
         label = (f"class_filters: selection over {n_per_class or 'all'} training images per class "
                  f"({'features cached for the fractional pass' if cache_mb else 'second forward pass'}) "
                  f"+ validation pass{' (default)' if (n_per_class, cache_mb) == (100, 64) else ''}")

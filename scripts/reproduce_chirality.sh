@@ -7,4 +7,4 @@ experiment=chirality_init
 [[ "${SMOKE:-0}" == 1 ]] && experiment=chirality_init_smoke
 sweep_dir="outputs/multiruns/${experiment}_$(date +%Y-%m-%d_%H-%M-%S)"
 python train.py -m "experiment=${experiment}" "hydra.sweep.dir=${sweep_dir}" "$@"
-python scripts/make_tables.py "${sweep_dir}" --out outputs/tables --name "${experiment}"
+python scripts/make_tables.py "${sweep_dir}" --out "outputs/tables/${experiment}"

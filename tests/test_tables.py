@@ -56,8 +56,8 @@ def test_the_settings_are_the_overrides_that_differ_except_seed_model_and_data(g
     jobs, failed = make_tables.find_jobs([grid])
     settings = make_tables.Settings(jobs)
     assert not failed and settings.swept == ["init"]  # logger=csv is the same everywhere; seed is averaged
-    assert {settings.of(j) for j in jobs} == {"init=kaiming", "init=xavier"}
-    assert settings.of(jobs[0], shown=("init",)) == ""
+    assert {settings.job(j, "chirality").setting() for j in jobs} == {"init=kaiming", "init=xavier"}
+    assert settings.job(jobs[0], "chirality").setting(shown=("init",)) == ""
 
 
 def test_a_2_init_x_2_model_grid_keeps_the_inits_apart(grid, tmp_path):
@@ -118,3 +118,48 @@ def test_jobs_whose_model_stayed_at_chance_are_left_out_and_named(tmp_path, caps
     assert sorted(pd.read_csv(out / "class_filters_k.csv").acc_full_mean.round(3).unique()) == [0.14, 0.85]
     assert make_tables.main([str(sweep), "--out", str(out), "--keep-untrained"]) == 0
     assert 0.11 in pd.read_csv(out / "class_filters_k.csv").acc_full_mean.round(3).tolist()
+
+
+def test_specialization_dissection_and_linking_tables_keep_the_inits_apart(grid, tmp_path):
+    """The grid's jobs get hand-made records of the other three analyses, each a known function of the init and
+    seed: every table has one row per model × init cell averaging its two seeds."""
+    for job in sorted(grid.iterdir()):
+        cfg = yaml.safe_load((job / ".hydra/config.yaml").read_text())
+        cfg["analysis"] = {"linking": {"head_module": None}}
+        (job / ".hydra/config.yaml").write_text(yaml.safe_dump(cfg))
+        x = (1.0 if cfg["init"]["method"] == "kaiming_normal" else 2.0) + cfg["seed"]  # 1, 2 | 2, 3
+        records = {
+            "specialization": [{"epoch": 0, "specialization/weights/ncut": 10 * x},
+                               {"epoch": 3, "specialization/weights/ncut": x,
+                                "specialization/weights/ncut_z": -x, "specialization/weights/ncut_percentile": 0.0}],
+            "dissection": [{"epoch": e, "dissection/layer4/unique_detectors": x + e,
+                            "dissection/layer4/unique_detectors_percat": x, "dissection/layer4/detectors": 2 * x,
+                            "dissection/layer4/mean_score": 0.1} for e in (0, 3)],
+            "linking": [{"epoch": 3, "linking/keep_rate": x / 10, "linking/r2_heldout": 0.5}]}
+        for analysis, recs in records.items():
+            (job / f"analysis/{analysis}").mkdir()
+            (job / f"analysis/{analysis}/results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "tables"
+    assert make_tables.main([str(grid), "--out", str(out)]) == 0
+    cells = [("resnet50", "init=kaiming"), ("resnet50", "init=xavier"), ("vgg16", "init=kaiming"),
+             ("vgg16", "init=xavier")]
+
+    spec = pd.read_csv(out / "specialization.csv").sort_values(["model", "setting", "state"])
+    assert list(zip(spec.model, spec.setting, spec.state, strict=True)) == [
+        (m, s, state) for m, s in cells for state in ("init", "trained")]
+    assert (spec.n_seeds == 2).all()
+    assert spec.ncut.tolist() == ["15.0000 ± 7.0711", "1.5000 ± 0.7071", "25.0000 ± 7.0711", "2.5000 ± 0.7071"] * 2
+    assert spec.ncut_z.dropna().tolist() == pytest.approx([-1.5, -2.5] * 2)
+
+    layers = pd.read_csv(out / "dissection_layers.csv").sort_values(["model", "setting"])
+    assert list(zip(layers.model, layers.setting, strict=True)) == cells and set(layers.layer) == {"layer4"}
+    assert layers.unique_A.tolist() == ["4.5 ± 0.7", "5.5 ± 0.7"] * 2  # the last epoch: x + 3
+    epochs = pd.read_csv(out / "dissection_epochs.csv").sort_values(["model", "setting", "epoch"])
+    assert epochs.unique_A.tolist() == pytest.approx([1.5, 4.5, 2.5, 5.5] * 2)
+    assert "Rows grouped by model, data, layer and the swept setting (init)" in (
+        out / "dissection_layers.md").read_text()
+
+    link = pd.read_csv(out / "linking.csv").sort_values(["model", "setting"])
+    assert list(zip(link.model, link.setting, strict=True)) == cells and (link.n_seeds == 2).all()
+    assert link.keep_rate.tolist() == ["0.1500 ± 0.0707", "0.2500 ± 0.0707"] * 2
+    assert set(link.layer) == {"input of last Linear"}

@@ -110,11 +110,12 @@ def test_mlp_run_warns_once_and_logs_no_chirality(cfg_factory):
     assert not any(k.startswith("chirality/model") for r in records for k in r)
 
 
-def _cli_run(run_dir: Path, *overrides: str, kill_epoch: int = 99) -> subprocess.CompletedProcess:
+def _cli_run(run_dir: Path, *overrides: str, kill_epoch: int = 99, base: list[str] = TINY
+             ) -> subprocess.CompletedProcess:
     """train.py in a fresh process; every run carries the same callbacks (the kill only fires in one), since on
     this CPU even a different callback list moves the float results in the last bits."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY, "trainer.max_epochs=3",
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *base, "trainer.max_epochs=3",
                            "trainer.deterministic=true", f"hydra.run.dir={run_dir}",
                            "+callbacks.kill._target_=conftest.KillAt", f"+callbacks.kill.epoch={kill_epoch}",
                            "+callbacks.kill.batch=2", *overrides],
@@ -130,22 +131,22 @@ def _run_files(run_dir: Path, partial: bool = False) -> dict[str, str]:
     return files
 
 
-# every analysis but linking (its cVAE training would double the test's time; its state is its generator)
 RESUMED_ANALYSES = ["analysis=[chirality,class_filters,dissection,specialization]",
                     "analysis.dissection.synthbroden.n_images=24", "analysis.dissection.batch_size=16",
                     "analysis.specialization.k=3", "analysis.specialization.n_shuffles=2",
                     "analysis.specialization.act_samples=40"]
 
 
-@pytest.mark.slow
-def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
-    full = _cli_run(tmp_path / "full", *RESUMED_ANALYSES)
+def _kill_and_resume(tmp_path: Path, *overrides: str, base: list[str] = TINY) -> dict[str, str]:
+    """A 3-epoch run, the same run killed (-9) mid epoch 2 and resumed from its last checkpoint: asserts that
+    every record and side file of the two halves equals the uninterrupted run's; returns them by path."""
+    full = _cli_run(tmp_path / "full", *overrides, base=base)
     assert full.returncode == 0, full.stderr[-3000:]
-    killed = _cli_run(tmp_path / "killed", *RESUMED_ANALYSES, kill_epoch=2)
+    killed = _cli_run(tmp_path / "killed", *overrides, kill_epoch=2, base=base)
     assert killed.returncode == -signal.SIGKILL
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["epoch"] == 1
-    resumed = _cli_run(tmp_path / "resumed", *RESUMED_ANALYSES, f"ckpt_path={last}")
+    resumed = _cli_run(tmp_path / "resumed", *overrides, f"ckpt_path={last}", base=base)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # the resumed run's own dir holds the whole records history; tables of epochs before the kill stay in the first
     want = _run_files(tmp_path / "full")
@@ -153,7 +154,13 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert got.keys() == want.keys()
     for name in want:
         assert got[name] == want[name], name
-    assert {name.split("/")[1] for name in want if name.startswith("analysis/")} == {
+    return want
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
+    files = _kill_and_resume(tmp_path, *RESUMED_ANALYSES)
+    assert {name.split("/")[1] for name in files if name.startswith("analysis/")} == {
         "chirality", "class_filters", "dissection", "specialization"}
     records = read_results(tmp_path / "resumed" / "analysis" / "class_filters" / "results.jsonl")
     first_resumed = records[2]
@@ -162,6 +169,24 @@ def test_kill_9_mid_epoch_then_resume_equals_the_uninterrupted_run(tmp_path):
     # specialization analyses epochs 0 and 3: the resumed run compares epoch 3 with the checkpointed epoch-0 labels
     spec = read_results(tmp_path / "resumed" / "analysis" / "specialization" / "results.jsonl")
     assert [r["epoch"] for r in spec] == [0, 3] and "specialization/weights/ari_prev_epoch" in spec[1]
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_the_uninterrupted_run_for_linking(tmp_path):
+    """Linking on digits (a 1-epoch cVAE, cached after the first run): the classifier learns enough in one
+    epoch for pairs to pass the keep filter, so the resumed epochs fit maps and write every side file."""
+    base = [o for o in TINY if not o.startswith(("analysis.", "data."))]
+    files = _kill_and_resume(tmp_path, "data=digits", "data.image_size=16", "data.batch_size=64",
+                             "generator.epochs=1", "model.channels=[8,16]", "analysis=[linking]",
+                             "analysis.linking.pairs.n_per_class=12", "analysis.linking.pairs.heldout_per_class=4",
+                             "analysis.linking.min_pairs=4", "analysis.linking.cf.max_steps=5",
+                             "analysis.linking.sweep.units_per_epoch=4", "analysis.linking.sweep.samples=2",
+                             "analysis.linking.ref_set.samples_per_class=3", "analysis.linking.classes=[0,1,2]",
+                             base=[o for o in base if o != "model.channels=[4,8]"])
+    assert {"analysis/linking/counterfactuals.csv", "analysis/linking/selective_units.csv",
+            "analysis/linking/unit_summary.csv"} <= set(files)
+    records = read_results(tmp_path / "resumed" / "analysis" / "linking" / "results.jsonl")
+    assert [r["epoch"] for r in records] == [0, 1, 2, 3] and records[2]["linking/r2_heldout"] is not None
 
 
 def test_train_metrics_in_a_record_are_that_epochs(cfg_factory):

@@ -16,12 +16,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from featurelens.analysis.class_filters import ClassFilters, ClassFiltersResult, FinetuneConfig, decomposed_model
-from featurelens.callbacks import AnalysisCallback, AnalysisContext
 from featurelens.checkpoints import check_same_data, read_checkpoint
 from featurelens.errors import ConfigError
 from featurelens.module import Classifier
 from featurelens.results import write_json
-from featurelens.runtime import build, build_loggers, entry_point, instantiate_all, validate_config
+from featurelens.runner import AnalysisContext, AnalysisRunner
+from featurelens.runtime import build, build_loggers, entry_point, validate_config
 from featurelens.train import build_net
 
 log = logging.getLogger("featurelens")
@@ -62,7 +62,7 @@ def finetune_decomposed(model: torch.nn.Module, result: ClassFiltersResult, fine
     trainer = pl.Trainer(max_epochs=finetune.epochs, logger=ctx.loggers or False, enable_checkpointing=False,
                          default_root_dir=str(out_dir / "finetune"), callbacks=[recorder], num_sanity_val_steps=0,
                          accelerator="auto", devices=1)
-    trainer.fit(module, datamodule=ctx.datamodule)
+    trainer.fit(module, datamodule=ctx.data)
     return recorder.accuracies
 
 
@@ -95,18 +95,20 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     net = net.to(device)
     data_cfg = {k: v for k, v in data_cfg.items() if k != "_target_"}
     datamodule = build({"_target_": "featurelens.data.ImageDataModule", **data_cfg})
-    analyses: list[AnalysisCallback] = instantiate_all(cfg.get("analysis"))
-    if not analyses:
+    runners = [AnalysisRunner.from_node(node) for node in (cfg.get("analysis") or {}).values()
+               if isinstance(node, DictConfig) and "analysis" in node]
+    if not runners:
         raise ConfigError("analysis=none: nothing to run; choose e.g. analysis=chirality")
     loggers = build_loggers(cfg)
     records = {}
-    for cb in analyses:
-        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, datamodule=datamodule)
-        records[cb.name] = cb.run_once(net, ctx)
-        if isinstance(cb.analysis, ClassFilters) and cb.analysis.config.finetune.enabled:
-            accs = finetune_decomposed(net, cb.result, cb.analysis.config.finetune, cb.out_dir, ctx)
-            log.info("%s: fine-tuned decomposed model, val acc per epoch %s", cb.name, accs)
-        log.info("%s: results in %s", cb.name, cb.out_dir)
+    for runner in runners:
+        ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, data=datamodule)
+        records[runner.name] = runner.run_once(net, ctx)
+        analysis = runner.analysis
+        if isinstance(analysis, ClassFilters) and analysis.config.finetune.enabled:
+            accs = finetune_decomposed(net, runner.result, analysis.config.finetune, runner.out_dir, ctx)
+            log.info("%s: fine-tuned decomposed model, val acc per epoch %s", runner.name, accs)
+        log.info("%s: results in %s", runner.name, runner.out_dir)
     for lg in loggers:
         lg.finalize("success")
     write_json(out_dir / "metrics.json", {k: v for r in records.values() for k, v in r.items()

@@ -10,7 +10,7 @@ An analysis is a subclass of :class:`Analysis`, registered with :func:`register`
 - ``report(result, out_dir, final=, history=)``: writes its figures and files and returns a :class:`Report` of
   what a logger can show too (``history``: the run's records so far, this one last, for figures over epochs);
 - ``summarize(history)``: end-of-run scalars from the records (optional);
-- ``tables(frame, grouped_by, out)``: the sweep tables ``scripts/make_tables.py`` writes from the final records.
+- ``tables(jobs, grouped_by, out)``: the sweep tables ``scripts/make_tables.py`` writes from the jobs' records.
 
 ``data`` is anything with ``batches(split, batch_size=None, shard=(0, 1), n_per_class=None, seed=0)`` yielding
 ``(images, labels)`` batches of the model's inputs (``split="train"``: the training images without
@@ -194,9 +194,10 @@ class Analysis:
         return {}
 
     @staticmethod
-    def tables(frame: Any, grouped_by: Any, out: Path) -> list[Path]:
-        """The sweep tables from ``frame`` (one row per job: model, setting, seed and the final scalars;
-        ``grouped_by(columns)`` says in words what the rows are grouped by); returns the files written."""
+    def tables(jobs: list[Any], grouped_by: Callable[..., str], out: Path) -> list[Path]:
+        """The sweep tables from ``jobs`` (the finished jobs with this analysis' records, as
+        :class:`featurelens.tables.SweepJob`; ``grouped_by(columns, shown=())`` says in words what the rows
+        are grouped by); returns the files written."""
         return []
 
     def state_dict(self) -> dict[str, Any]:

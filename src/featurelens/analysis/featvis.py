@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featurelens.analysis.hooks import eval_mode
+from featurelens.analysis.hooks import StopForward, eval_mode, forward_hooks, run_forward
 from featurelens.analysis.specialization.measure import (
     fisher_combine,
     mean_sem,
@@ -181,10 +181,6 @@ def redirect_relus(model: nn.Module, active: bool = True) -> Iterator[_Switch]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 def _unit_means(z: Tensor) -> Tensor:
     """``(B, U)`` per-unit values: ``mean_{h,w}`` for conv maps, as is for MLP layers."""
     return z.flatten(2).mean(-1) if z.dim() > 2 else z
@@ -246,15 +242,11 @@ def visualise(model: nn.Module, z_module: nn.Module, unit_sets: Sequence[Tensor 
     def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
         captured["z"] = out[0] if isinstance(out, (tuple, list)) else out
         if stop_early[0]:
-            raise _Stop
+            raise StopForward
 
     def objective(x: Tensor, mask: Tensor) -> Tensor:
         captured.clear()
-        stop_early[0] = True
-        try:
-            model(pre(x))
-        except _Stop:
-            pass
+        run_forward(model, pre(x))
         if "z" not in captured:
             raise RuntimeError("z_module was not called during the forward pass")
         return (_unit_means(captured["z"]).float().abs() * mask).sum(1)
@@ -263,18 +255,14 @@ def visualise(model: nn.Module, z_module: nn.Module, unit_sets: Sequence[Tensor 
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         stack.enter_context(_eval_no_param_grad(model))
-        handle = z_module.register_forward_hook(hook)
-        stack.callback(handle.remove)
+        stack.enter_context(forward_hooks([(z_module, hook)]))
         param = FourierImage(n_sets, channels, size, gens, device=device)
         opt = torch.optim.Adam(param.parameters(), lr=lr)
         mask: Tensor | None = None
         with torch.no_grad():
             x0 = param.images()
             captured.clear()
-            try:
-                model(pre(x0))
-            except _Stop:
-                pass
+            run_forward(model, pre(x0))
             n_units = _unit_means(captured["z"]).shape[1]
             mask = torch.zeros(n_sets, n_units, device=device)
             for i, s in enumerate(unit_sets):
@@ -292,9 +280,7 @@ def visualise(model: nn.Module, z_module: nn.Module, unit_sets: Sequence[Tensor 
         with torch.no_grad():
             imgs = param.images().detach()
             j_final = objective(imgs, mask)
-            stop_early[0] = False
-            captured.clear()
-            handle.remove()
+            stop_early[0] = False  # the whole forward, for the class entropy
             logits = model(pre(imgs)).float()
             logp = torch.log_softmax(logits, dim=1)
             entropy = -(logp.exp() * logp).sum(1)

@@ -1,5 +1,6 @@
-"""The module plumbing every analysis shares: recording module outputs with forward hooks (safely), the
-classifier head and its input, and running a model in eval mode without losing any module's own flag.
+"""The module plumbing every analysis shares: forward hooks that are always removed (:func:`forward_hooks`),
+recording module outputs with them (safely), the classifier head and its input, and running a model in eval
+mode without losing any module's own flag.
 
 A hooked module's output tensor is the very tensor the next module receives: an in-place op after it
 (``nn.ReLU(inplace=True)`` in torchvision models and in this project's MLP and small CNN) rewrites it. A record
@@ -10,7 +11,7 @@ kept without a copy then holds post-ReLU values. Every analysis that records act
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -33,8 +34,8 @@ def recorded(out: Any, reduce: Reduce | None = None) -> Tensor:
 
 
 class StopForward(Exception):
-    """Raised by :func:`record_outputs` hooks with ``stop=True`` once every module is recorded; caught by
-    :func:`run_forward`."""
+    """Raised by a hook once the forward has given it what it needs (:func:`record_outputs` with ``stop=True``:
+    every module recorded); caught by :func:`run_forward`."""
 
 
 def run_forward(model: nn.Module, x: Tensor) -> None:
@@ -43,6 +44,19 @@ def run_forward(model: nn.Module, x: Tensor) -> None:
         model(x)
     except StopForward:
         pass
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable[..., Any]]], pre: bool = False) -> Iterator[None]:
+    """Register each ``(module, hook)`` as a forward hook (``pre``: a forward pre-hook) for the block; they are
+    removed on exit, also on error. A hook that raises :class:`StopForward` ends the forward early (call the
+    model through :func:`run_forward`)."""
+    handles = [m.register_forward_pre_hook(h) if pre else m.register_forward_hook(h) for m, h in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextlib.contextmanager
@@ -64,12 +78,8 @@ def record_outputs(modules: Mapping[str, nn.Module], reduce: Reduce | Mapping[st
                 raise StopForward
         return hook
 
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in modules.items()]
-    try:
+    with forward_hooks((m, make_hook(n)) for n, m in modules.items()):
         yield outputs
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextlib.contextmanager

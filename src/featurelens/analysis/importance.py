@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from featurelens.analysis.hooks import eval_mode
+from featurelens.analysis.hooks import eval_mode, forward_hooks
 from featurelens.analysis.specialization.measure import (
     WeightGraph,
     fisher_combine,
@@ -83,11 +83,8 @@ def lesion_hook(module: nn.Module, units: Any) -> Iterator[None]:
         out[:, idx.to(out.device)] = 0
         return out
 
-    handle = module.register_forward_hook(hook)
-    try:
+    with forward_hooks([(module, hook)]):
         yield
-    finally:
-        handle.remove()
 
 
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
@@ -148,23 +145,18 @@ def _lesion_counts(model: nn.Module, data: Iterable[Any], z_module: str | nn.Mod
         return torch.where(keep.repeat_interleave(b, 0).view(shape), out,
                            torch.zeros((), dtype=out.dtype, device=out.device))
 
-    handle = module.register_forward_hook(hook)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            for batch in data:
-                x, y = _split_batch(batch)
-                x, y = x.to(device), y.to(device).long()
-                totals += torch.bincount(y, minlength=num_classes)[:num_classes]
-                chunk = max(1, max_images // max(1, x.shape[0]))
-                for start in range(0, n_all, chunk):
-                    stop = min(n_all, start + chunk)
-                    state["rows"] = slice(start, stop)
-                    out = _run(model, x, stop - start, state, mode)
-                    state["rows"] = None
-                    _tally(counts[start:stop], out, y, stop - start, num_classes)
-    finally:
-        handle.remove()
-        state["rows"] = None
+    with forward_hooks([(module, hook)]), torch.no_grad(), eval_mode(model):
+        for batch in data:
+            x, y = _split_batch(batch)
+            x, y = x.to(device), y.to(device).long()
+            totals += torch.bincount(y, minlength=num_classes)[:num_classes]
+            chunk = max(1, max_images // max(1, x.shape[0]))
+            for start in range(0, n_all, chunk):
+                stop = min(n_all, start + chunk)
+                state["rows"] = slice(start, stop)
+                out = _run(model, x, stop - start, state, mode)
+                state["rows"] = None
+                _tally(counts[start:stop], out, y, stop - start, num_classes)
     return counts, totals
 
 

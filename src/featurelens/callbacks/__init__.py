@@ -1,6 +1,5 @@
-"""Lightning callbacks that run the analyses in ``featurelens.analysis``: the generic one for registered
-analyses, and the subclasses of those not yet registered."""
+"""The Lightning callback that schedules the registered analyses of ``featurelens.analysis`` in training."""
 
-from featurelens.callbacks.base import AnalysisCallback, AnalysisContext
+from featurelens.callbacks.base import AnalysisCallback
 
-__all__ = ["AnalysisCallback", "AnalysisContext"]
+__all__ = ["AnalysisCallback"]

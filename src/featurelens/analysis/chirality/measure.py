@@ -46,7 +46,7 @@ import torch
 from scipy.special import gammaln
 from torch import Tensor, nn
 
-from featurelens.analysis.hooks import eval_mode
+from featurelens.analysis.hooks import eval_mode, forward_hooks
 
 __all__ = [
     "FLIPS",
@@ -497,20 +497,13 @@ def stride_compatible(model: nn.Module, width: int, in_channels: int = 3, height
         if args and isinstance(args[0], Tensor):
             calls.append((m, int(args[0].shape[-1])))
 
-    handles = [
-        m.register_forward_pre_hook(pre_hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
-    ]
+    subsampling = [(m, pre_hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
     try:
-        with eval_mode(model), torch.no_grad():
+        with forward_hooks(subsampling, pre=True), eval_mode(model), torch.no_grad():
             x = torch.zeros(1, in_channels, height or width, width, dtype=dtype, device=device)
             model(x)
     except Exception:  # noqa: BLE001 -- any failure means the model does not accept this width
         return False
-    finally:
-        for h in handles:
-            h.remove()
     return all(_op_commutes(m, n) for m, n in calls)
 
 
@@ -633,23 +626,19 @@ def fmap_chirality(
 
         return hook
 
-    handles = [m.register_forward_hook(make_hook(accs[name])) for name, m in stages.items()]
-    try:
-        with eval_mode(model), torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                xb = x[start : start + batch_size]
-                current["batch"] = xb.shape[0]
-                out = _first_tensor(model(torch.cat([xb, xb.flip(-1)])))
-                if out is None:
-                    continue
-                logits_acc.add(out, xb.shape[0])
-                if out.dim() == 2:
-                    pred = out.argmax(dim=1)
-                    agree += int((pred[: xb.shape[0]] == pred[xb.shape[0] :]).sum())
-                    total += xb.shape[0]
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = [(m, make_hook(accs[name])) for name, m in stages.items()]
+    with forward_hooks(hooks), eval_mode(model), torch.no_grad():
+        for start in range(0, x.shape[0], batch_size):
+            xb = x[start : start + batch_size]
+            current["batch"] = xb.shape[0]
+            out = _first_tensor(model(torch.cat([xb, xb.flip(-1)])))
+            if out is None:
+                continue
+            logits_acc.add(out, xb.shape[0])
+            if out.dim() == 2:
+                pred = out.argmax(dim=1)
+                agree += int((pred[: xb.shape[0]] == pred[xb.shape[0] :]).sum())
+                total += xb.shape[0]
 
     result: dict[str, float] = {}
     for name, acc in [*accs.items(), ("logits", logits_acc)]:

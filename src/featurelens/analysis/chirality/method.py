@@ -144,3 +144,9 @@ class Chirality(Analysis):
         from featurelens.analysis.chirality.report import report
 
         return report(result, out_dir, self.config, final=final, history=history or [result.record()])
+
+    @staticmethod
+    def tables(jobs, grouped_by, out: Path) -> list[Path]:
+        from featurelens.analysis.chirality.report import tables
+
+        return tables(jobs, grouped_by, out)

@@ -1,16 +1,20 @@
 """What the chirality analysis writes: per-epoch tables and figures (the trajectory figures read the run's
-history of records)."""
+history of records), and the sweep tables."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
+from scipy.stats import f_oneway
 
 from featurelens import plots
 from featurelens.analysis.base import Report
 from featurelens.analysis.chirality import measure as chi
+from featurelens.tables import SweepJob, mean_sd, without_empty_setting
 
 
 def report(result, out_dir: Path, config, *, final: bool, history: list[dict]) -> Report:
@@ -72,3 +76,113 @@ def _conv1(name: str, w: torch.Tensor, eps: float, out_dir: Path) -> Path:
     labels = [f"{rho[i]:+.2f}" if rho[i] >= -1 else "zero" for i in order]
     return plots.filter_montage(w[order].numpy(), labels, out_dir / "conv1_by_rho.png",
                                 title=f"{name} filters sorted by per-filter ρ (pooled over input channels)")
+
+
+SHOWN = ("init", "data.flip_aug")  # the overrides the table shows as its own init and flip_aug columns
+
+
+def _frame(jobs: list[SweepJob]) -> pd.DataFrame:
+    """One row per job and analysed epoch."""
+    rows = []
+    for job in jobs:
+        for r in job.records:
+            if r.get("chirality/model") is None:
+                continue
+            rows.append({**job.row(SHOWN), "init": job.config.init.method,
+                         "flip_aug": bool(job.config.data.get("flip_aug")), "epoch": r["epoch"],
+                         "C": r["chirality/model"], "C_pooled": r.get("chirality/model_pooled"),
+                         "C_norm": r.get("chirality/model_norm"), "C_paramw": r.get("chirality/model_paramw"),
+                         "val_acc": r.get("val/acc")})
+    return pd.DataFrame(rows)
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm–Bonferroni adjusted p-values."""
+    order = np.argsort(pvalues)
+    adjusted, running = np.empty(len(pvalues)), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def init_anova(final: pd.DataFrame) -> pd.DataFrame:
+    """Spec §7: one-way ANOVA of final C_model over inits, per model, flip augmentation and swept setting (never
+    pooled across them; needs >= 2 seeds per init)."""
+    rows = []
+    for (model, flip_aug, setting), g in final.groupby(["model", "flip_aug", "setting"]):
+        groups = [s["C"].to_numpy() for _, s in g.groupby("init")]
+        if len(groups) < 2 or min(len(x) for x in groups) < 2:
+            continue
+        res = f_oneway(*groups)
+        grand = np.concatenate(groups).mean()
+        ss_between = sum(len(x) * (x.mean() - grand) ** 2 for x in groups)
+        ss_total = sum(((x - grand) ** 2).sum() for x in groups)
+        means = [x.mean() for x in groups]
+        s_w = np.sqrt(np.mean([x.var(ddof=1) for x in groups]))
+        n = min(len(x) for x in groups)
+        rows.append({"model": model, "flip_aug": flip_aug, "setting": setting, "F": res.statistic, "p": res.pvalue,
+                     "eta2": ss_between / ss_total if ss_total > 0 else np.nan,
+                     "range": max(means) - min(means), "range_limit": max(0.01, 4 * s_w / np.sqrt(n))})
+    table = without_empty_setting(pd.DataFrame(rows))
+    if not table.empty:
+        table["p_holm"] = holm(table["p"].tolist())
+        table["init_does_not_matter"] = (table["p_holm"] >= 0.05) & (table["range"] <= table["range_limit"])
+    return table
+
+
+def tables(jobs: list[SweepJob], grouped_by: Callable[..., str], out: Path) -> list[Path]:
+    """``chirality_init.{csv,md}`` (C at init and after training per model × init × flip augmentation, mean ± sd
+    over seeds, with val accuracy), ``chirality_init_anova.csv`` (spec §7: does the init matter?) and
+    ``chirality_init_vs_epoch.png`` (C_model vs epoch, one line per init)."""
+    frame = _frame(jobs)
+    if frame.empty:
+        return []
+    name = "chirality_init"
+    keys = ["model", "init", "flip_aug", "setting"]
+    first = frame[frame.epoch == 0]
+    last = frame.loc[frame.groupby("job").epoch.idxmax()]
+    rows = []
+    for key, g in last.groupby(keys):
+        g0 = first.set_index(keys).loc[[key]] if key in first.set_index(keys).index else pd.DataFrame()
+        rows.append({**dict(zip(keys, key, strict=True)), "n_seeds": g.seed.nunique(),
+                     "epochs": int(g.epoch.max()),
+                     "C_init_mean": g0["C"].mean() if len(g0) else np.nan,
+                     "C_init_sd": g0["C"].std(ddof=1) if len(g0) > 1 else np.nan,
+                     "C_final_mean": g["C"].mean(), "C_final_sd": g["C"].std(ddof=1) if len(g) > 1 else np.nan,
+                     "C_pooled_final": g["C_pooled"].mean(), "C_norm_final": g["C_norm"].mean(),
+                     "val_acc_final": g["val_acc"].mean(),
+                     "C_init": mean_sd(g0["C"]) if len(g0) else "–", "C_final": mean_sd(g["C"]),
+                     "val_acc": mean_sd(g["val_acc"])})
+    table = pd.DataFrame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{name}.csv", out / f"{name}.md"]
+    table = without_empty_setting(table)
+    table.drop(columns=["C_init", "C_final", "val_acc"]).to_csv(written[0], index=False)
+    shown = [k for k in keys if k in table]
+    md = ["# Feature chirality at init and after training (mean ± sd over seeds)", "",
+          grouped_by(["model", "init", "flip_aug"], SHOWN), "",
+          table[[*shown, "n_seeds", "epochs", "C_init", "C_final", "C_pooled_final", "C_norm_final", "val_acc"]]
+          .to_markdown(index=False, floatfmt=".4f")]
+    anova = init_anova(last)
+    if not anova.empty:
+        md += ["", "## Does the init matter after training? (one-way ANOVA over inits, Holm over models)", "",
+               anova.to_markdown(index=False, floatfmt=".4g")]
+        anova.to_csv(out / f"{name}_anova.csv", index=False)
+        written.append(out / f"{name}_anova.csv")
+    written[1].write_text("\n".join(md) + "\n")
+    written.append(_figure(frame, out / f"{name}_vs_epoch.png"))
+    return written
+
+
+def _figure(frame: pd.DataFrame, path: Path) -> Path:
+    """C_model vs epoch, mean ± sd over seeds, one line per init; models side by side in one figure each."""
+    series, bands = {}, {}
+    epochs = sorted(frame.epoch.unique())
+    for (model, init, setting), g in frame.groupby(["model", "init", "setting"]):
+        stats = g.groupby("epoch")["C"].agg(["mean", "std"]).reindex(epochs)
+        label = f"{model} / {init}" if frame.model.nunique() > 1 else init
+        label += f" ({setting})" if setting else ""
+        series[label], bands[label] = stats["mean"].to_numpy(), stats["std"].fillna(0).to_numpy()
+    return plots.line_plot(epochs, series, path, xlabel="epoch", ylabel="C_model (kernel chirality)",
+                           title="Feature chirality during training, one line per init", bands=bands)

@@ -253,10 +253,10 @@ class ClassFilters(Analysis):
         return report(result, out_dir, self.config, final=final)
 
     @staticmethod
-    def tables(frame, grouped_by, out: Path) -> list[Path]:
+    def tables(jobs, grouped_by, out: Path) -> list[Path]:
         from featurelens.analysis.class_filters.report import tables
 
-        return tables(frame, grouped_by, out)
+        return tables(jobs, grouped_by, out)
 
 
 class MaskedLinear(nn.Linear):

@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 from featurelens import plots
 from featurelens.analysis.base import Report
-from featurelens.tables import mean_sd, without_empty_setting
+from featurelens.tables import SweepJob, final_frame, mean_sd, without_empty_setting
 
 
 def report(result, out_dir: Path, config, *, final: bool = True) -> Report:
@@ -43,11 +43,12 @@ def report(result, out_dir: Path, config, *, final: bool = True) -> Report:
     return rep
 
 
-def tables(frame: pd.DataFrame, grouped_by: Callable[[list[str]], str], out: Path) -> list[Path]:
-    """The sweep tables from the final records (one row per job; see ``featurelens.tables``):
+def tables(jobs: list[SweepJob], grouped_by: Callable[..., str], out: Path) -> list[Path]:
+    """The sweep tables from the jobs' final records (see ``featurelens.tables``):
     ``class_filters_k.{csv,md}`` (decomposed accuracy per k with the full head's, mean ± sd over seeds, plus the
     sets' statistics at the default k), ``class_filters_acc_vs_k.png`` and ``class_filters_depth.{csv,md}``
     (features per class against depth, with the Spearman correlation of both readings of "proportional")."""
+    frame = final_frame(jobs, "class_filters")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     k_cols = sorted((c for c in frame.columns if c.startswith("k") and c.endswith("/acc_decomposed")),

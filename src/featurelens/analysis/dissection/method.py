@@ -327,3 +327,9 @@ class Dissection(Analysis):
         from featurelens.analysis.dissection.report import report
 
         return report(result, out_dir, self.config, history=history or [result.record()])
+
+    @staticmethod
+    def tables(jobs, grouped_by, out: Path) -> list[Path]:
+        from featurelens.analysis.dissection.report import tables
+
+        return tables(jobs, grouped_by, out)

@@ -1,20 +1,24 @@
 """What network dissection writes: per layer (rewritten at each analysed epoch, so they describe the latest
 one) ``tally.csv``, ``thresholds.npy``, ``iou.npy``, ``counts.json``, ``detectors_per_label.png``,
 ``score_hist.png`` and, at figure epochs, ``topimages/unit_XXXX.jpg``; in the analysis folder
-``unique_vs_epoch.png`` and, with the rotation baseline, ``rotation.csv`` and ``unique_vs_alpha.png``."""
+``unique_vs_epoch.png`` and, with the rotation baseline, ``rotation.csv`` and ``unique_vs_alpha.png``; and the
+sweep tables."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from featurelens import plots
 from featurelens.analysis.base import Report
+from featurelens.tables import SweepJob, mean_sd, without_empty_setting
 
 log = logging.getLogger("featurelens")
 
@@ -96,3 +100,73 @@ def _rotation_report(rows: list[dict], seeds: int, out_dir: Path) -> Path:
                                   "unique per category (B)":
                                       mean[("unique_detectors_percat", "std")].fillna(0).tolist()},
                            title=f"Random-rotation baseline ({int(seeds)} seeds)")
+
+
+CATEGORIES = ("object", "part", "scene", "material", "texture", "color")
+
+
+def _frame(jobs: list[SweepJob]) -> pd.DataFrame:
+    """One row per job, analysed epoch and dissected layer (the primary layer carries the baselines)."""
+    rows = []
+    p = "dissection/"
+    for job in jobs:
+        for r in job.records:
+            layers = [k[len(p):-len("/unique_detectors")] for k in r  # dissection/<layer>/unique_detectors
+                      if k.startswith(p) and k.endswith("/unique_detectors") and k.count("/") == 2
+                      and not k.startswith(p + "random_init/")]
+            for i, layer in enumerate(layers):
+                q = f"{p}{layer}/"
+                row = {**job.row(), "epoch": r["epoch"], "layer": layer, "primary": i == 0,
+                       "unique_A": r[q + "unique_detectors"], "unique_B": r[q + "unique_detectors_percat"],
+                       "detectors": r[q + "detectors"], "mean_score": r[q + "mean_score"],
+                       **{f"B/{c}": r.get(f"{q}unique/{c}") for c in CATEGORIES}}
+                if i == 0:
+                    row["random_init_unique_A"] = r.get(p + "random_init/unique_detectors")
+                    row.update({k.removeprefix(p + "rotation/").replace("/unique_detectors", "_unique_A"): v
+                                for k, v in r.items() if k.startswith(p + "rotation/alpha_")
+                                and k.endswith("/unique_detectors")})
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def tables(jobs: list[SweepJob], grouped_by: Callable[..., str], out: Path) -> list[Path]:
+    """``dissection_layers.{csv,md}`` (detectors per layer at the last epoch, both counting methods and per
+    category, with the random-init and rotation baselines), ``dissection_epochs.{csv,md}`` and
+    ``dissection_vs_epoch.png`` (unique detectors per epoch and layer)."""
+    frame = _frame(jobs)
+    if frame.empty:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    last = frame[frame.epoch == frame.groupby("job").epoch.transform("max")]
+    rows = []
+    for (model, data, setting, layer), g in last.groupby(["model", "data", "setting", "layer"], sort=False):
+        row = {"model": model, "data": data, "setting": setting, "layer": layer, "n_seeds": g.seed.nunique(),
+               "detectors": mean_sd(g.detectors, ".1f"), "unique_A": mean_sd(g.unique_A, ".1f"),
+               "unique_B": mean_sd(g.unique_B, ".1f"), **{f"B/{c}": g[f"B/{c}"].mean() for c in CATEGORIES}}
+        baselines = [c for c in g.columns if c.startswith(("random_init", "alpha_"))]
+        for col in sorted(baselines, key=lambda c: (c.startswith("alpha_"), float(c.split("_")[1]) if
+                                                    c.startswith("alpha_") else 0.0)):
+            if g[col].notna().any():
+                row[col] = g[col].mean()
+        rows.append(row)
+    layers = without_empty_setting(pd.DataFrame(rows))
+    epochs = (frame.groupby(["model", "data", "setting", "layer", "epoch"], sort=False)[
+        ["unique_A", "unique_B", "detectors"]].mean().reset_index())
+    header = ["# Network dissection: interpretable units per layer (last epoch)", "",
+              "IoU > 0.04, `denominator: paper`, all six categories; unique_A = distinct top labels (the paper's",
+              "count), unique_B = per-category distinct labels (the released plotting code); B/<cat> per category.",
+              "random_init and alpha_<a> (random rotation, mean over seeds) are method A on the primary layer.", "",
+              grouped_by(["model", "data", "layer"]), "", ""]
+    layers.to_csv(out / "dissection_layers.csv", index=False)
+    (out / "dissection_layers.md").write_text("\n".join(header) + layers.to_markdown(index=False, floatfmt=".3g")
+                                              + "\n")
+    epochs.to_csv(out / "dissection_epochs.csv", index=False)
+    (out / "dissection_epochs.md").write_text("# Network dissection: unique detectors per epoch (mean over seeds)\n\n"
+                                             + epochs.to_markdown(index=False, floatfmt=".3g") + "\n")
+    series = {f"{m} {lay} ({d}{', ' + st if st else ''})": g.sort_values("epoch").unique_A.tolist()
+              for (m, d, st, lay), g in epochs.groupby(["model", "data", "setting", "layer"], sort=False)}
+    epochs = without_empty_setting(epochs)
+    plots.line_plot(sorted(epochs.epoch.unique()), series, out / "dissection_vs_epoch.png", xlabel="epoch",
+                    ylabel="unique detectors (method A)", title="Interpretable units during training")
+    return [out / "dissection_layers.csv", out / "dissection_layers.md", out / "dissection_epochs.csv",
+            out / "dissection_epochs.md", out / "dissection_vs_epoch.png"]

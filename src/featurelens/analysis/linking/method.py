@@ -14,6 +14,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pandas as pd
@@ -337,6 +338,12 @@ class Linking(Analysis):
         from featurelens.analysis.linking.report import report
 
         return report(result, out_dir, self.config)
+
+    @staticmethod
+    def tables(jobs, grouped_by, out: Path) -> list[Path]:
+        from featurelens.analysis.linking.report import tables
+
+        return tables(jobs, grouped_by, out)
 
 
 def _median_corr(a: torch.Tensor, b: torch.Tensor, dim: int) -> float:

@@ -14,6 +14,7 @@ them, by default only in ``analyze.py`` and at the last epoch of experiment runs
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -391,3 +392,9 @@ class Specialization(Analysis):
         from featurelens.analysis.specialization.report import report
 
         return report(result, out_dir, self.config, final=final, history=history or [result.record()])
+
+    @staticmethod
+    def tables(jobs, grouped_by, out: Path) -> list[Path]:
+        from featurelens.analysis.specialization.report import tables
+
+        return tables(jobs, grouped_by, out)
