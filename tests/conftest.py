@@ -100,6 +100,34 @@ def wandb_media(run_dir: Path) -> set[str]:
     return {p.name.split("_")[0] for p in run_dir.glob("wandb/offline-run-*/files/media/**/*") if p.is_file()}
 
 
+def wandb_records(run_dir: Path) -> dict[str, list]:
+    """The records of the one offline W&B run under ``run_dir`` (its ``run-*.wandb`` file: W&B's LevelDB-style
+    log of protobuf ``Record``s in 32 KiB blocks, each chunk behind a 7-byte header: CRC, length, type), by
+    record type (``run``, ``config``, ``metric``, ``history``, ...)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", "not a W&B run file"
+    out: dict[str, list] = {}
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if room >= 7 else (0, 0, 0)
+        if room < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+            pos += room
+            continue
+        buf = (b"" if kind in (1, 2) else buf) + data[pos + 7:pos + 7 + length]  # FULL/FIRST start a record
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.setdefault(record.WhichOneof("record_type"), []).append(record)
+    return out
+
+
 class CrashAt(pl.Callback):
     """Kills a run at ``batch`` of ``epoch`` (0-based), as a dying machine would."""
 
@@ -124,16 +152,17 @@ class PoisonAt(pl.Callback):
 
 
 class KillAt(pl.Callback):
-    """``kill -9`` of its own process at ``batch`` of ``epoch`` (0-based): no handler, no cleanup runs."""
+    """Sends its own process ``signal`` at ``batch`` of ``epoch`` (0-based); the default, ``kill -9``, lets no
+    handler and no cleanup run."""
 
-    def __init__(self, epoch: int, batch: int = 1):
-        self.epoch, self.batch = epoch, batch
+    def __init__(self, epoch: int, batch: int = 1, signal: str = "SIGKILL"):
+        self.epoch, self.batch, self.signal = epoch, batch, signal
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             import signal
 
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.Signals[self.signal])
 
 
 class ScaleWeightsAt(pl.Callback):

@@ -26,13 +26,14 @@ def _options(group: str) -> list[str]:
     return sorted({p.stem for p in (Path(CONF) / group).glob("*.yaml")} | set(registered))
 
 
-@pytest.mark.parametrize("group", ["init", "data", "optimizer", "scheduler", "trainer", "logger", "analysis"])
+@pytest.mark.parametrize("group", ["init", "data", "optimizer", "scheduler", "trainer", "logger", "analysis",
+                                   "callbacks", "debug", "hparams_search"])
 def test_every_group_option_composes(cfg_factory, group):
     for option in _options(group):
         extra = ["data.root=/tmp", "data.num_classes=3"] if option == "imagefolder" else []
         cfg = cfg_factory(f"{group}={option}", *extra, base=[])
         job = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-        assert job[group] is None or isinstance(job[group], dict)
+        assert job.get(group) is None or isinstance(job[group], dict)  # debug, hparams_search: @package _global_
         if group == "init":
             assert cfg.init.method in (option, {"kaiming": "kaiming_normal", "xavier": "xavier_normal"}.get(option))
 

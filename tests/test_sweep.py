@@ -156,3 +156,37 @@ def test_linking_experiment_sweep_builds_the_table(tmp_path):
     assert list(csv.model) == ["small_cnn"] and (csv.n_seeds == 2).all()
     assert csv.layer[0] == "input of last Linear" and "r2_heldout" in csv and "cf/success_rate" in csv
     assert "held-out pairs" in (out / "linking.md").read_text()
+
+
+def test_a_wandb_sweep_reads_by_epoch_and_names_runs_by_the_swept_keys(tmp_path, monkeypatch):
+    """Issue 14 item 3, read back from the offline run files: analysis scalars against the analysed epoch, the
+    swept key first in each run's name, the group from the swept keys and the sweep's date, tags from the
+    analyses, the commit and parameter count in the config, an epoch column in every table."""
+    import json
+
+    from conftest import wandb_records
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    cli = [o for o in TINY_CLI if o not in ("logger=none", "trainer.max_epochs=2")] + ["logger=wandb",
+                                                                                         "trainer.max_epochs=1"]
+    run = _sweep(tmp_path, "seed=3", "model=small_cnn,mlp", cli=cli)
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(jobs) == 2
+    for job, model in zip((j.parent for j in jobs), ("small_cnn", "mlp"), strict=True):
+        rec = wandb_records(job)
+        info = rec["run"][0].run
+        assert info.display_name.startswith(f"model={model} seed=3 ")  # the swept key first, then the rest
+        assert info.run_group == f"model {tmp_path.name} sweep"  # swept keys, the sweep dir's parent and name
+        assert {"chirality", "class_filters"} <= set(info.tags)
+        axes = {(m.metric.glob_name or m.metric.name): m.metric.step_metric for m in rec["metric"]}
+        assert axes["chirality/*"] == axes["class_filters/*"] == "epoch"
+        config = {item.key: json.loads(item.value_json) for r in rec["config"] for item in r.config.update}
+        assert config["n_params"] > 1000 and config["git_commit"] != ""
+        rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                for r in rec["history"]]
+        analysed = [r for r in rows if "class_filters/acc_full" in r]
+        assert [r["epoch"] for r in analysed] == [0, 1]
+        tables = list(job.glob("wandb/offline-run-*/files/media/table/**/*.table.json"))
+        assert tables and all(json.loads(t.read_text())["columns"][0] == "epoch" for t in tables)

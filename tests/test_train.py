@@ -110,15 +110,15 @@ def test_mlp_run_warns_once_and_logs_no_chirality(cfg_factory):
     assert not any(k.startswith("chirality/model") for r in records for k in r)
 
 
-def _cli_run(run_dir: Path, *overrides: str, kill_epoch: int = 99, base: list[str] = TINY
-             ) -> subprocess.CompletedProcess:
+def _cli_run(run_dir: Path, *overrides: str, kill_epoch: int = 99, base: list[str] = TINY,
+             signal: str = "SIGKILL") -> subprocess.CompletedProcess:
     """train.py in a fresh process; every run carries the same callbacks (the kill only fires in one), since on
     this CPU even a different callback list moves the float results in the last bits."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *base, "trainer.max_epochs=3",
                            "trainer.deterministic=true", f"hydra.run.dir={run_dir}",
                            "+callbacks.kill._target_=conftest.KillAt", f"+callbacks.kill.epoch={kill_epoch}",
-                           "+callbacks.kill.batch=2", *overrides],
+                           "+callbacks.kill.batch=2", f"+callbacks.kill.signal={signal}", *overrides],
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -187,6 +187,24 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run_for_linking(tmp_path):
             "analysis/linking/unit_summary.csv"} <= set(files)
     records = read_results(tmp_path / "resumed" / "analysis" / "linking" / "results.jsonl")
     assert [r["epoch"] for r in records] == [0, 1, 2, 3] and records[2]["linking/r2_heldout"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_sigterm_and_ctrl_c_stop_the_run_at_once_with_one_line_and_the_last_checkpoint(tmp_path, sig, status):
+    run = tmp_path / "run"
+    stopped = _cli_run(run, "analysis=[chirality]", kill_epoch=1, signal=sig)
+    last = run / "checkpoints" / "last.ckpt"
+    assert stopped.returncode == status, stopped.stderr[-3000:]
+    assert f"featurelens: interrupted by {sig}: the last checkpoint, of the last finished epoch, is {last}; " \
+           f"resume with ckpt_path={last}" in stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert (run / "FAILED").read_text().startswith(f"Interrupted: interrupted by {sig}")
+    assert torch.load(last, weights_only=False)["epoch"] == 0  # epoch 1 stopped at its third batch
+    assert [r["epoch"] for r in _records(run)] == [0, 1]  # nothing analysed after the signal
+    resumed = _cli_run(tmp_path / "resumed", "analysis=[chirality]", f"ckpt_path={last}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["epoch"] for r in _records(tmp_path / "resumed")] == [0, 1, 2, 3]
 
 
 def test_train_metrics_in_a_record_are_that_epochs(cfg_factory):

@@ -99,7 +99,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
                if isinstance(node, DictConfig) and "analysis" in node]
     if not runners:
         raise ConfigError("analysis=none: nothing to run; choose e.g. analysis=chirality")
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, {"n_params": sum(p.numel() for p in net.parameters())})
     records = {}
     for runner in runners:
         ctx = AnalysisContext(out_dir, epoch, step, final=True, loggers=loggers, data=datamodule)

@@ -5,8 +5,9 @@
 
 - puts the model in eval mode, disables gradients and forks the RNG, restoring all of it afterwards, so an
   analysis never perturbs training;
-- writes one line to the run log (``train.log``): the analysis' ``headline`` values and how long the
-  computation and the report took;
+- shows a progress bar over every pass an analysis makes over batches of the data (on a terminal), and
+  writes a line to the run log (``train.log``) when it starts and when it ends: the analysis' ``headline``
+  values and how long the computation and the report took;
 - logs ``<name>/<key>`` scalars to every logger (and the report's tables, figures, galleries and histograms to
   W&B), appends the record to ``<run_dir>/analysis/<name>/results.jsonl`` and keeps it in ``history`` (which
   the callback checkpoints, so a resumed run rewrites the file from it);
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
+from tqdm.auto import tqdm
 
 from featurelens.analysis.base import Analysis, Result
 from featurelens.analysis.hooks import analysis_mode
@@ -48,6 +51,23 @@ class AnalysisContext:
     metrics: dict[str, float] = field(default_factory=dict)  # the epoch's training metrics, kept in the record
     data: Any = None  # the analysis' data (an ImageDataModule or anything with its batches/probe_set)
     shard: tuple[int, int] = (0, 1)  # (rank, world size): streaming analyses split their data across ranks
+
+
+class _WithProgress:
+    """``data`` whose ``batches(...)`` passes show a progress bar (``tqdm``, on a terminal only, so logs and
+    batch jobs stay clean); everything else is ``data``'s own."""
+
+    def __init__(self, data: Any, desc: str):
+        self._data, self._desc = data, desc
+
+    def batches(self, split: str, *args: Any, **kwargs: Any) -> Iterable:
+        loader = self._data.batches(split, *args, **kwargs)
+        total = len(loader) if hasattr(loader, "__len__") else None
+        return tqdm(loader, desc=f"{self._desc} ({split} images)", total=total, leave=False, disable=None,
+                    unit="batch")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._data, name)
 
 
 def log_scalars(loggers: list[Logger], scalars: dict[str, float], step: int) -> None:
@@ -90,7 +110,8 @@ class AnalysisRunner:
             log.info("%s: analysing epoch %d ...", self.name, ctx.epoch)
         start = time.perf_counter()
         with analysis_mode(model):
-            self.result = self.analysis.run(model, ctx.data, epoch=ctx.epoch, shard=ctx.shard, final=ctx.final)
+            data = _WithProgress(ctx.data, f"{self.name} epoch {ctx.epoch}") if ctx.shard[0] == 0 else ctx.data
+            self.result = self.analysis.run(model, data, epoch=ctx.epoch, shard=ctx.shard, final=ctx.final)
         values = self.result.values
         computed = time.perf_counter()
         scalars = {f"{self.name}/{k}": float(v) for k, v in values.items() if isinstance(v, int | float)}
@@ -120,8 +141,9 @@ class AnalysisRunner:
         for lg in loggers:
             if histograms:
                 lg.log_metrics(histograms, step=ctx.step)
-            for key, (columns, rows) in written.tables.items():
-                lg.log_table(key=f"{self.name}/{key}", columns=columns, data=rows, step=ctx.step)
+            for key, (columns, rows) in written.tables.items():  # each with its epoch, to read across epochs
+                lg.log_table(key=f"{self.name}/{key}", columns=["epoch", *columns],
+                             data=[[ctx.epoch, *row] for row in rows], step=ctx.step)
             for key, path in written.figures.items():
                 lg.log_image(key=f"{self.name}/{key}", images=[str(path)], step=ctx.step)
             for key, paths in written.galleries.items():

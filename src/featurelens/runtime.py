@@ -11,7 +11,9 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import typing
 import warnings
@@ -204,26 +206,80 @@ def instantiate_all(node: DictConfig | None, **kwargs: Any) -> list[Any]:
     return [build(v, **kwargs) for v in (node or {}).values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def build_loggers(cfg: DictConfig) -> list[Logger]:
-    """Loggers of ``cfg.logger``; W&B runs of a sweep are grouped by the sweep and named by their overrides."""
+def build_loggers(cfg: DictConfig, facts: dict[str, Any] | None = None) -> list[Logger]:
+    """Loggers of ``cfg.logger``, each given the composed config plus ``facts`` (e.g. the parameter count) and
+    the git commit. W&B: a sweep's runs are grouped by the experiment (or the swept keys) and the sweep's date
+    and time, and named by their overrides with the swept ones first; the experiment and the analyses are tags;
+    analysis scalars are plotted against ``epoch`` (the analysed epoch: 0 = init, n = after n epochs)."""
     hc = HydraConfig.get() if HydraConfig.initialized() else None
+    hparams = {**OmegaConf.to_container(cfg, resolve=True), **(facts or {}), "git_commit": git_commit()}
     loggers = []
     for key, node in (cfg.get("logger") or {}).items():
         if not (isinstance(node, DictConfig) and "_target_" in node):
             continue
         extra: dict[str, Any] = {}
         if key == "wandb":
-            multirun = hc is not None and hc.mode == RunMode.MULTIRUN
-            if node.get("group") is None and multirun:
-                extra["group"] = Path(hc.sweep.dir).name
-            if node.get("name") is None and hc is not None:
-                extra["name"] = (hc.job.override_dirname or Path(hc.runtime.output_dir).name) if multirun \
-                    else Path(hc.runtime.output_dir).name
+            extra = _wandb_run(cfg, node, hc)
             Path(node.save_dir).mkdir(parents=True, exist_ok=True)
         logger = instantiate(node, **extra)
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(hparams)
+        if key == "wandb":
+            logger.experiment.define_metric("epoch")
+            for name in cfg.get("analysis") or {}:
+                logger.experiment.define_metric(f"{name}/*", step_metric="epoch")
         loggers.append(logger)
     return loggers
+
+
+def git_commit() -> str | None:
+    """The commit of the featurelens checkout this runs from (``+dirty`` with uncommitted changes), None if it
+    is not a git checkout."""
+    import subprocess
+
+    root = Path(CONF_DIR).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def swept_keys(hc: Any) -> list[str]:
+    """The keys a sweep varies: the sweep overrides of its command line (``multirun.yaml`` in the sweep dir)
+    and its sweeper's ``params`` (an experiment's grid)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = list((hc.sweeper.get("params") or {}).keys())
+    launched = Path(hc.sweep.dir) / "multirun.yaml"
+    if launched.exists():
+        task = OmegaConf.load(launched).hydra.overrides.task
+        keys += [o.key_or_group for o in OverridesParser.create().parse_overrides(list(task)) if o.is_sweep_override()]
+    return list(dict.fromkeys(keys))
+
+
+def _wandb_run(cfg: DictConfig, node: DictConfig, hc: Any) -> dict[str, Any]:
+    """The W&B run's name, group and tags where the config leaves them to featurelens."""
+    experiment = hc.runtime.choices.get("experiment") if hc is not None else None
+    extra: dict[str, Any] = {"tags": list(dict.fromkeys([*(node.get("tags") or []), *([experiment] if experiment
+                                                          else []), *(cfg.get("analysis") or {})]))}
+    if hc is None:
+        return extra
+    if hc.mode != RunMode.MULTIRUN:
+        if node.get("name") is None:
+            extra["name"] = Path(hc.runtime.output_dir).name
+        return extra
+    swept = swept_keys(hc)
+    if node.get("group") is None:
+        sweep = Path(hc.sweep.dir)
+        extra["group"] = f"{experiment or ','.join(swept) or 'sweep'} {sweep.parent.name} {sweep.name}"
+    if node.get("name") is None:
+        given = [o for o in hc.overrides.task if not o.startswith(("hydra.", "+hydra."))]
+        first = [o for o in given if o.lstrip("+~").split("=", 1)[0] in swept]
+        extra["name"] = " ".join([*first, *(o for o in given if o not in first)]) or Path(hc.runtime.output_dir).name
+    return extra
 
 
 # Known third-party output with nothing for a user to act on, hidden while ``extras.ignore_warnings`` is on:
@@ -307,22 +363,63 @@ def user_error(e: BaseException) -> ConfigError | RunError | None:
     return None
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, ``kill``) raised where the run is, like Ctrl-C's KeyboardInterrupt:
+    mid-batch or mid-analysis, so the run stops at once instead of after the current analysis."""
+
+
+def _raise_interrupted(signum: int, _frame: Any) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def _interrupted(e: BaseException) -> str | None:
+    """The signal that stopped the run, if ``e`` is how it surfaced: the KeyboardInterrupt itself, or the
+    ``sys.exit(1)`` Lightning turns it into after its graceful shutdown."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return str(seen) if isinstance(seen, Interrupted) else "SIGINT"
+        seen = seen.__context__
+    return None
+
+
+def _stopped(sig: str, out_dir: Path) -> str:
+    """The one line that says a run was interrupted, where its last checkpoint is and how to resume."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    where = (f"the last checkpoint, of the last finished epoch, is {last}; resume with ckpt_path={last}"
+             if last.exists() else "no epoch finished, so there is no checkpoint to resume from")
+    return f"interrupted by {sig}: {where}; analysis records up to the last analysed epoch are in {out_dir}"
+
+
 def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig) -> float | None:
     """Run ``task(cfg)``; turn user-facing errors into one-line messages and always close the W&B run.
 
     In a ``-m`` sweep a failing job is logged, marked with a ``FAILED`` file in its directory and the sweep
     goes on; a single run exits with status 2 (bad config or input) or 1 (diverged, disk full, or a bug,
-    which keeps its traceback).
+    which keeps its traceback). SIGTERM and Ctrl-C stop the run (a sweep too) where it is, with one line naming
+    the last checkpoint, a ``FAILED`` file, and the shell's exit status for the signal (143, 130).
     """
     global _IN_TASK
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     out_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path.cwd()
     _IN_TASK = True
+    main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if main_thread else None
     try:
         apply_extras(cfg)
         metrics = task(cfg)
         value = metrics.get(cfg.get("optimized_metric", ""))
         return float(value) if value is not None else None
+    except (KeyboardInterrupt, SystemExit) as e:
+        sig = _interrupted(e)
+        if sig is None:
+            raise
+        message = _stopped(sig, out_dir)
+        with contextlib.suppress(OSError):
+            (out_dir / "FAILED").write_text(f"Interrupted: {message}\n")
+        log.error(message)
+        print(f"featurelens: {message}", file=sys.stderr)
+        sys.exit(128 + signal.Signals[sig].value)
     except Exception as e:
         known = user_error(e)
         message = f"{type(known).__name__}: {_one_line(str(known))}\n" if known else traceback.format_exc()
@@ -337,6 +434,8 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig) -> float | Non
         sys.exit(2 if isinstance(known, ConfigError) else 1)
     finally:
         _IN_TASK = False
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         if "wandb" in sys.modules:
             import wandb
 

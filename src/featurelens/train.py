@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     if cfg.get("ckpt_path"):  # a resume: the checkpoint must hold this run's model, checked before any work
         check_same_model(read_checkpoint(cfg.ckpt_path), net, model_cfg, f"ckpt_path={cfg.ckpt_path!r}")
-    loggers = build_loggers(cfg)
+    loggers = build_loggers(cfg, {"n_params": sum(p.numel() for p in net.parameters())})
     callbacks = instantiate_all(cfg.get("callbacks")) + instantiate_all(cfg.get("analysis"))
     try:
         trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,

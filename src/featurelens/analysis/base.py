@@ -24,7 +24,10 @@ DataLoaders).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from featurelens.errors import ConfigError
+
+log = logging.getLogger("featurelens")
 
 
 class Data(Protocol):
@@ -49,6 +54,16 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def timed(what: str) -> Iterator[None]:
+    """Log ``what`` when it starts and, with its time, when it ends: an analysis' long steps (no bar of their
+    own) say what they are doing, so a run is never silent for minutes."""
+    log.info("%s ...", what)
+    start = time.perf_counter()
+    yield
+    log.info("%s: done in %.1f s", what, time.perf_counter() - start)
 
 
 IMAGENET_NORMALISATION = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

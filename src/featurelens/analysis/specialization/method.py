@@ -24,7 +24,7 @@ from torch import nn
 
 from featurelens.analysis import featvis
 from featurelens.analysis import importance as imp
-from featurelens.analysis.base import Analysis, Data, Result, model_device, model_input, register
+from featurelens.analysis.base import Analysis, Data, Result, model_device, model_input, register, timed
 from featurelens.analysis.specialization import measure as spec
 from featurelens.data.datamodule import targets as targets_of
 from featurelens.errors import ConfigError
@@ -208,16 +208,18 @@ class Specialization(Analysis):
         values: dict[str, Any] = {"n_nodes": graph.n, "n_layers": len(graph.layer_sizes),
                                   "fold_bn": self._folded}
         details: dict[str, Any] = {"nodes": graph.node_table(), "labels": {}, "vis_grids": {}}
-        cl = spec.clusterability(graph, c.k, c.n_shuffles, c.seed, shuffle_method=c.shuffle_method,
-                                 n_cluster_seeds=c.n_cluster_seeds)
+        with timed(f"specialization: weight graph of {graph.n} nodes, k={c.k}, against {c.n_shuffles} shuffles"):
+            cl = spec.clusterability(graph, c.k, c.n_shuffles, c.seed, shuffle_method=c.shuffle_method,
+                                     n_cluster_seeds=c.n_cluster_seeds)
         labels = cl["labels"]
         values.update(self._partition_values("weights", graph.adjacency, labels))
         values.update(self._shuffle_values("weights", cl))
         values["weights/cluster_sizes"] = self._cluster_sizes(labels, graph.node_layer, len(graph.layer_sizes))
         if c.fold_bn == "both" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             unfolded = spec.weight_graph(model, conv_norm=c.conv_norm, fold_bn=False)
-            cl_raw = spec.clusterability(unfolded, c.k, c.n_shuffles, c.seed,
-                                         shuffle_method=c.shuffle_method, n_cluster_seeds=c.n_cluster_seeds)
+            with timed(f"specialization: unfolded weight graph against {c.n_shuffles} shuffles"):
+                cl_raw = spec.clusterability(unfolded, c.k, c.n_shuffles, c.seed,
+                                             shuffle_method=c.shuffle_method, n_cluster_seeds=c.n_cluster_seeds)
             values["weights_unfolded/ncut"] = cl_raw["ncut"]
             values.update(self._shuffle_values("weights_unfolded", cl_raw))
         details["labels"]["weights"] = labels
@@ -234,9 +236,11 @@ class Specialization(Analysis):
         if needs_data:
             data.setup("fit")
         if {"activations", "coherence"} & set(c.parts):
-            act = self._activation_graph(model, graph, data, device)
-            act_cl = spec.activation_clusterability(act.adjacency, act.samples, c.k, c.n_shuffles, c.seed,
-                                                    corr=c.corr, n_cluster_seeds=c.n_cluster_seeds)
+            with timed(f"specialization: activation graph on {c.act_samples} images against {c.n_shuffles} "
+                       "shuffles"):
+                act = self._activation_graph(model, graph, data, device)
+                act_cl = spec.activation_clusterability(act.adjacency, act.samples, c.k, c.n_shuffles, c.seed,
+                                                        corr=c.corr, n_cluster_seeds=c.n_cluster_seeds)
             act_labels = act_cl["labels"]
             values.update(self._partition_values("activations", act.adjacency, act_labels))
             values.update(self._shuffle_values("activations", act_cl))
@@ -271,18 +275,21 @@ class Specialization(Analysis):
         rows: list[dict[str, Any]] = []
         summary: dict[str, Any] = {}
         if "importance" in c.parts:
-            imp_rows, imp_summary = imp.importance(
-                model, graph, labels, data.loader(data.test_set), data.num_classes,
-                n_random=c.lesion.n_random, min_size=c.lesion.min_size,
-                max_prop=c.lesion.max_prop, seed=c.seed, device=device, target=c.lesion.target)
+            with timed(f"specialization: importance (lesions) of the {partition} sub-clusters"):
+                imp_rows, imp_summary = imp.importance(
+                    model, graph, labels, data.loader(data.test_set), data.num_classes,
+                    n_random=c.lesion.n_random, min_size=c.lesion.min_size,
+                    max_prop=c.lesion.max_prop, seed=c.seed, device=device, target=c.lesion.target)
             rows += [{"part": "importance", **r} for r in imp_rows]
             summary.update({f"importance/{k}": v for k, v in imp_summary.items()})
         if "coherence" in c.parts:
-            coh_rows, coh_summary = self._dataset_coherence(graph, labels, act, data)
+            with timed(f"specialization: dataset coherence of the {partition} sub-clusters"):
+                coh_rows, coh_summary = self._dataset_coherence(graph, labels, act, data)
             rows += coh_rows
             summary.update({f"coherence/dataset/{k}": v for k, v in coh_summary.items()})
         if "visualisation" in c.parts:
-            vis_rows, vis_summary = self._visualisation(model, graph, partition, labels, data, device, details)
+            with timed(f"specialization: feature visualisation of the {partition} sub-clusters"):
+                vis_rows, vis_summary = self._visualisation(model, graph, partition, labels, data, device, details)
             rows += vis_rows
             summary.update({f"coherence/{k}": v for k, v in vis_summary.items()})
         return rows, summary
