@@ -172,13 +172,13 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_registered_analysis_is_complete(name):
-    """What CONTRIBUTING.md asks of an analysis: a config with defaults, its own report, a typed result of
-    its name, and a README section listing its config keys."""
+    """What CONTRIBUTING.md asks of an analysis: a config with defaults, its own report and sweep tables, a
+    typed result of its name, and a README section listing its config keys."""
     cls = REGISTRY[name]
     assert dataclasses.is_dataclass(cls.Config)
     config = cls.Config()  # every field has a default
     assert cls(config).config is config
-    assert cls.report is not Analysis.report and cls.run is not Analysis.run
+    assert cls.report is not Analysis.report and cls.run is not Analysis.run and cls.tables is not Analysis.tables
     result_type = typing.get_type_hints(cls.run)["return"]
     assert issubclass(result_type, Result) and result_type.name == name
     assert set(cls.headline) and all(isinstance(k, str) for k in cls.headline)

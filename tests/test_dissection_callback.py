@@ -51,6 +51,12 @@ def test_training_run_dissects_every_epoch(cfg_factory):
     assert (files / "detectors_per_label.png").exists() and (files / "score_hist.png").exists()
     strips = sorted((files / "topimages").glob("unit_*.jpg"))
     assert 1 <= len(strips) <= 8
+    from PIL import Image
+
+    caption = np.asarray(Image.open(strips[0]).convert("L"))[:16]  # the band above the images holds the text
+    assert (caption < 100).sum() > 20 and (caption > 200).mean() > 0.5
+    # every figure is kept per epoch beside the latest copy
+    assert {"detectors_per_label_epoch0.png", "detectors_per_label_epoch2.png"} <= {p.name for p in files.iterdir()}
     assert (out / "unique_vs_epoch.png").exists()
     # the procedural set was written once, under the data dir, at the model's input size
     assert len(list((Path(cfg.paths.data_dir) / "synthbroden").glob("n40_s16_*"))) == 1

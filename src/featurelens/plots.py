@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -11,28 +13,57 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+_EPOCH: list[int] = []  # the epoch being reported (see :func:`epoch_stamp`)
+
+
+@contextlib.contextmanager
+def epoch_stamp(epoch: int) -> Iterator[None]:
+    """Every figure saved inside the block says ``epoch <epoch>`` in its corner and is also kept as
+    ``<name>_epoch<epoch>.png`` beside ``<name>.png`` (the latest), so a later epoch never overwrites it."""
+    _EPOCH.append(epoch)
+    try:
+        yield
+    finally:
+        _EPOCH.pop()
+
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if _EPOCH:
+        fig.text(0.995, 0.005, f"epoch {_EPOCH[-1]}", ha="right", va="bottom", fontsize=7, color="0.4")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    if _EPOCH:
+        shutil.copyfile(path, path.with_name(f"{path.stem}_epoch{_EPOCH[-1]}{path.suffix}"))
     plt.close(fig)
     return path
 
 
+def colours(n: int) -> list:
+    """``n`` distinguishable line colours: the 10-colour cycle, then tab20, then evenly spaced on a colour map."""
+    if n <= 10:
+        return [plt.cm.tab10(i) for i in range(n)]
+    if n <= 20:
+        return [plt.cm.tab20(i) for i in range(n)]
+    return [plt.cm.turbo(v) for v in np.linspace(0.02, 0.98, n)]
+
+
 def line_plot(x: Sequence, series: Mapping[str, Sequence[float]], path: Path, *, xlabel: str, ylabel: str,
               title: str = "", bands: Mapping[str, Sequence[float]] | None = None, legend_cols: int = 1,
-              hline: float | None = None, xticks: Sequence[str] | None = None) -> Path:
-    """One line per series over ``x``; optional ±band per series (e.g. seed spread)."""
+              hline: float | Mapping[str, float] | None = None, xticks: Sequence[str] | None = None) -> Path:
+    """One line per series over ``x``, each its own colour (and, past 10, alternating line styles); optional
+    ±band per series (e.g. seed spread); ``hline``: dashed reference line(s), a value or label -> value."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, ys in series.items():
+    styles = ("-", "--", ":") if len(series) > 10 else ("-",)
+    for i, ((label, ys), colour) in enumerate(zip(series.items(), colours(len(series)), strict=True)):
         ys = np.asarray(ys, dtype=float)
-        ax.plot(x[: len(ys)], ys, marker="o", ms=3, lw=1.2, label=label)
+        ax.plot(x[: len(ys)], ys, marker="o", ms=3, lw=1.2, label=label, color=colour, ls=styles[i % len(styles)])
         if bands and label in bands:
             sd = np.asarray(bands[label], dtype=float)
-            ax.fill_between(x[: len(ys)], ys - sd, ys + sd, alpha=0.2)
-    if hline is not None:
-        ax.axhline(hline, color="grey", ls="--", lw=0.8)
+            ax.fill_between(x[: len(ys)], ys - sd, ys + sd, alpha=0.2, color=colour)
+    refs = hline if isinstance(hline, Mapping) else ({} if hline is None else {"": hline})
+    for (label, value), ls in zip(refs.items(), ("--", "-.", ":", (0, (5, 5))), strict=False):
+        ax.axhline(value, color="0.35", ls=ls, lw=0.9, label=label or None)
     if xticks is not None:
         ax.set_xticks(range(len(xticks)), xticks, rotation=60, ha="right", fontsize=7)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
@@ -87,8 +118,13 @@ def heatmap(matrix: np.ndarray, path: Path, *, xlabel: str, ylabel: str, title: 
 
 
 def bar_plot(x: Sequence, heights: Sequence[float], path: Path, *, xlabel: str, ylabel: str, title: str = "",
-             rotate_labels: bool = False) -> Path:
+             rotate_labels: bool = False, empty: str = "nothing to show") -> Path:
+    """Bars over ``x``; with no bars, a panel that says ``empty`` instead of empty axes."""
     fig, ax = plt.subplots(figsize=(max(7.0, 0.18 * len(x)) if rotate_labels else 7, 3.5))
+    if not len(x):
+        ax.text(0.5, 0.5, empty, ha="center", va="center", fontsize=11, transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
     ax.bar(x, heights, width=1.0 if not rotate_labels else 0.8)
     if rotate_labels:
         ax.tick_params(axis="x", labelrotation=80, labelsize=7)

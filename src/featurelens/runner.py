@@ -28,6 +28,7 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from torch import nn
 from tqdm.auto import tqdm
 
+from featurelens import plots
 from featurelens.analysis.base import Analysis, Result
 from featurelens.analysis.hooks import analysis_mode
 from featurelens.api import get as get_analysis
@@ -130,7 +131,8 @@ class AnalysisRunner:
 
     def report(self, ctx: AnalysisContext) -> None:
         """Write this epoch's files and figures; its tables, figures, galleries and histograms go to W&B too."""
-        written = self.analysis.report(self.result, self.out_dir, final=ctx.final, history=self.history)
+        with plots.epoch_stamp(ctx.epoch):  # every figure says its epoch and is kept per epoch
+            written = self.analysis.report(self.result, self.out_dir, final=ctx.final, history=self.history)
         loggers = [lg for lg in ctx.loggers if isinstance(lg, WandbLogger)]
         if not loggers:
             return

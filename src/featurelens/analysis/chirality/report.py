@@ -44,13 +44,16 @@ def report(result, out_dir: Path, config, *, final: bool, history: list[dict]) -
     return rep
 
 
+C0_3X3 = chi.c0_gaussian(3, 3)  # what random 3x3 kernels score (spec §5.3): the line to compare C with
+
+
 def _trajectory(history: list[dict], layers: list[str], out_dir: Path) -> Path:
     epochs = [r["epoch"] for r in history]
     series = {"model (mean of layers)": [r.get("chirality/model") for r in history],
               **{n: [r.get(f"chirality/layer/{n}/c") for r in history] for n in layers}}
     return plots.line_plot(epochs, series, out_dir / "chirality_vs_epoch.png", xlabel="epoch",
                            ylabel="kernel chirality C (mean over slices)", title="Feature chirality per layer",
-                           legend_cols=2)
+                           legend_cols=2, hline={f"c₀ = {C0_3X3:.4f} (i.i.d. 3×3 kernels)": C0_3X3})
 
 
 def _histograms(history: list[dict], layers: list[str], edges: np.ndarray, out_dir: Path) -> Path:
@@ -185,4 +188,5 @@ def _figure(frame: pd.DataFrame, path: Path) -> Path:
         label += f" ({setting})" if setting else ""
         series[label], bands[label] = stats["mean"].to_numpy(), stats["std"].fillna(0).to_numpy()
     return plots.line_plot(epochs, series, path, xlabel="epoch", ylabel="C_model (kernel chirality)",
-                           title="Feature chirality during training, one line per init", bands=bands)
+                           title="Feature chirality during training, one line per init", bands=bands,
+                           hline={f"c₀ = {C0_3X3:.4f} (i.i.d. 3×3 kernels)": C0_3X3})

@@ -29,8 +29,10 @@ def report(result, out_dir: Path, config, *, final: bool = True) -> Report:
     if not (epoch == 0 or epoch % config.figures_every == 0 or final):
         return rep
     mask = result.mask.numpy()
+    used = np.flatnonzero(mask.any(0))  # at D = 2048 the unselected columns would hide the selected ones
     rep.figures["selection_mask"] = plots.heatmap(
-        mask, out_dir / "selection_mask.png", xlabel="feature (final-layer input)", ylabel="class",
+        mask[:, used], out_dir / "selection_mask.png", ylabel="class",
+        xlabel=f"the {len(used)} features of D = {mask.shape[1]} that some class selects (in feature order)",
         title=f"Selected features S_c (k = {v['k']}, head {v['head']})")
     rep.figures["classes_per_feature"] = plots.bar_plot(
         np.arange(mask.shape[1]), mask.sum(0), out_dir / "classes_per_feature.png", xlabel="feature",
@@ -38,8 +40,8 @@ def report(result, out_dir: Path, config, *, final: bool = True) -> Report:
     ks = sorted(int(key.split("/")[0][1:]) for key in v if key.startswith("k") and key.endswith("/acc_decomposed"))
     rep.figures["acc_vs_k"] = plots.line_plot(
         ks, {"decomposed head": [v[f"k{K}/acc_decomposed"] for K in ks]}, out_dir / "acc_vs_k.png",
-        xlabel="k (features per class)", ylabel="accuracy", hline=v["acc_full"],
-        title="Decomposed-head accuracy vs k (dashed: full head)")
+        xlabel="k (features per class)", ylabel="accuracy",
+        hline={"full head": v["acc_full"], "chance": 1 / v["num_classes"]}, title="Decomposed-head accuracy vs k")
     return rep
 
 
@@ -83,8 +85,11 @@ def tables(jobs: list[SweepJob], grouped_by: Callable[..., str], out: Path) -> l
         at_default.to_markdown(index=False, floatfmt=".4g"), ""]))
     written += [out / "class_filters_k.csv", out / "class_filters_k.md"]
     if len(series) == 1 or same_ks:
+        refs = {"full head": k_table["acc_full_mean"].mean()} if len(series) == 1 else {}
+        if "num_classes" in frame and frame["num_classes"].notna().any():
+            refs["chance"] = 1 / frame["num_classes"].max()
         written.append(plots.line_plot(xs, series, out / "class_filters_acc_vs_k.png", xlabel="k (features per class)",
-                                       ylabel="accuracy, decomposed head", title="Decomposed head vs k"))
+                                       ylabel="accuracy, decomposed head", title="Decomposed head vs k", hline=refs))
 
     depth_cols = ["dim", "depth", "features_per_class", "set_size_mean", "psi/penultimate", "acc_full",
                   "acc_decomposed", "union", "overlap_mean"]

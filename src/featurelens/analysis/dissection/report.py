@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from featurelens import plots
 from featurelens.analysis.base import Report
@@ -41,12 +41,12 @@ def report(result, out_dir: Path, config, *, history: list[dict]) -> Report:
         split = res["table"].to_dict("split")
         rep.tables[f"{layer}/tally"] = (split["columns"], split["data"])
         rep.figures[f"{layer}/detectors_per_label"] = _label_bars(res, result.label_names, config.categories, out,
-                                                                  counts["header"])
+                                                                  counts["header"], config.iou_threshold)
         rep.figures[f"{layer}/score_hist"] = plots.histogram_with_marker(
             res["labels"]["score"].numpy(), config.iou_threshold, out / "score_hist.png",
             xlabel="unit score (best IoU)", title=f"{layer}: unit scores (line: tau)")
         if layer in result.strips:
-            rep.galleries[f"{layer}/topimages"] = _write_strips(result.strips[layer], out / "topimages")
+            rep.galleries[f"{layer}/topimages"] = _write_strips(result.strips[layer], res["table"], out / "topimages")
     epochs = [r["epoch"] for r in history]
     series = {m: [r.get(f"dissection/{k}") for r in history] for m, k in
               (("unique (A)", "unique_detectors"), ("unique per category (B)", "unique_detectors_percat"),
@@ -60,7 +60,8 @@ def report(result, out_dir: Path, config, *, history: list[dict]) -> Report:
     return rep
 
 
-def _label_bars(res: dict, label_names: list[str], categories: list[str], out: Path, header: str) -> Path:
+def _label_bars(res: dict, label_names: list[str], categories: list[str], out: Path, header: str,
+                tau: float) -> Path:
     """Detector counts per label, grouped object, scene, part, material, texture, color (§5)."""
     lab, cat, det = res["labels"]["label"], res["labels"]["category"], res["labels"]["detector"]
     counts: dict[tuple[int, int], int] = {}
@@ -70,19 +71,28 @@ def _label_bars(res: dict, label_names: list[str], categories: list[str], out: P
     keys = sorted(counts, key=lambda ck: (order.get(categories[ck[0]], 9), -counts[ck], ck[1]))
     names = [f"{label_names[k]} ({categories[c]})" for c, k in keys]
     return plots.bar_plot(names, [counts[k] for k in keys], out / "detectors_per_label.png", xlabel="",
-                          ylabel="detector units", title=header, rotate_labels=True)
+                          ylabel="detector units", title=header, rotate_labels=True,
+                          empty=f"no detectors: no unit's best IoU is above tau = {tau:g}")
 
 
-def _write_strips(strips: dict[int, np.ndarray], out: Path) -> list[Path]:
-    """One JPG per unit (the strips describe the latest figure epoch only), scaled up to >= 96 px high."""
+def _write_strips(strips: dict[int, np.ndarray], table, out: Path) -> list[Path]:
+    """One JPG per unit (the strips describe the latest figure epoch only), scaled up to >= 96 px high, under a
+    caption: the unit, its best concept with its category, and that concept's IoU (``table``: the tally)."""
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    best = table.set_index("unit")
     paths = []
     for unit, strip in strips.items():
         img = Image.fromarray(strip)
         scale = max(1, 96 // img.height)
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+        row = best.loc[unit + 1]
+        captioned = Image.new("RGB", (img.width, img.height + 16), "white")
+        captioned.paste(img, (0, 16))
+        ImageDraw.Draw(captioned).text((3, 2), f"unit {unit + 1}: {row['label']} ({row['category']}), "
+                                               f"IoU {row['score']:.3f}", fill="black")
         paths.append(out / f"unit_{unit + 1:04d}.jpg")
-        img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(paths[-1], quality=92)
+        captioned.save(paths[-1], quality=92)
     return paths
 
 
