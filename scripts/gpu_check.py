@@ -1,6 +1,6 @@
 """The GPU check: on a machine with a CUDA GPU, the GPU paths a user takes, timed, and compared with the CPU.
 
-    python scripts/gpu_check.py                 # on the GPU machine (about 5 minutes on one modern GPU)
+    python scripts/gpu_check.py                 # on the GPU machine (target: under 5 minutes; not yet run on one)
     python scripts/gpu_check.py --device cpu    # the same steps on the CPU: checks this script, not the GPU
 
 Each step runs in a fresh process, writing below ``--out`` (default ``outputs/gpu_check/<date>_<time>``):

@@ -81,6 +81,7 @@ class Settings:
 
     def __init__(self, jobs: list[Path]):
         self.given = {job: _overrides(job) for job in jobs}
+        self.configs = {job: OmegaConf.load(job / ".hydra" / "config.yaml") for job in jobs}  # read once per job
         keys = sorted({k for o in self.given.values() for k in o})
         self.swept = [k for k in keys if k not in CHOICE_COLUMNS and not k.startswith(NOT_SETTINGS)
                       and len({o.get(k) for o in self.given.values()}) > 1]
@@ -89,7 +90,7 @@ class Settings:
         """The job as ``analysis``' tables read it, with its records (none: the job did not run it)."""
         results = job / "analysis" / analysis / "results.jsonl"
         records = read_results(results) if results.exists() else []
-        return SweepJob(job, OmegaConf.load(job / ".hydra" / "config.yaml"), records, self.given[job], self.swept)
+        return SweepJob(job, self.configs[job], records, self.given[job], self.swept)
 
     def line(self, columns: list[str], shown: tuple[str, ...] = ()) -> str:
         """The markdown line that says what a table's rows are grouped by."""

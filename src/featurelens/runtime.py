@@ -212,11 +212,11 @@ def build_loggers(cfg: DictConfig, facts: dict[str, Any] | None = None) -> list[
     and time, and named by their overrides with the swept ones first; the experiment and the analyses are tags;
     analysis scalars are plotted against ``epoch`` (the analysed epoch: 0 = init, n = after n epochs)."""
     hc = HydraConfig.get() if HydraConfig.initialized() else None
-    hparams = {**OmegaConf.to_container(cfg, resolve=True), **(facts or {}), "git_commit": git_commit()}
+    nodes = {k: v for k, v in (cfg.get("logger") or {}).items() if isinstance(v, DictConfig) and "_target_" in v}
+    hparams = {**OmegaConf.to_container(cfg, resolve=True), **(facts or {}), "git_commit": git_commit()} \
+        if nodes else {}
     loggers = []
-    for key, node in (cfg.get("logger") or {}).items():
-        if not (isinstance(node, DictConfig) and "_target_" in node):
-            continue
+    for key, node in nodes.items():
         extra: dict[str, Any] = {}
         if key == "wandb":
             extra = _wandb_run(cfg, node, hc)
