@@ -11,7 +11,7 @@ its rows by model, data and every override that differs across the jobs (``.hydr
 analysis writes its own tables (``tables`` in ``featurelens/analysis/<name>/report.py``): ``chirality_init.*``
 (with the ANOVA of "the init does not matter", spec §7), ``class_filters_k.*``, ``class_filters_depth.*``,
 ``specialization.*``, ``dissection_layers.*``, ``dissection_epochs.*``, ``linking.*`` and their figures; the
-README's sections say what each holds."""
+README's sections say what each holds. ``report.html`` in ``--out`` shows them all on one static page."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from scipy.stats import binomtest
 
 from featurelens.api import REGISTRY
+from featurelens.report_page import write_sweep_report
 from featurelens.results import read_results
 from featurelens.tables import SweepJob
 
@@ -111,15 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"make_tables: error: no such directory: {missing}", file=sys.stderr)
         return 2
     jobs, failed = find_jobs(args.sweeps)
-    for job in failed:
-        print(f"skipping {failure(job)} job {job}", file=sys.stderr)
+    notes = [f"skipping {failure(job)} job {job}" for job in failed]
     if not args.keep_untrained:
         untrained = {job: why for job in jobs if (why := at_chance(job))}
-        for job, why in untrained.items():
-            print(f"skipping {why}: job {job} (--keep-untrained keeps it)", file=sys.stderr)
+        notes += [f"skipping {why}: job {job} (--keep-untrained keeps it)" for job, why in untrained.items()]
         jobs = [job for job in jobs if job not in untrained]
+    for note in notes:
+        print(note, file=sys.stderr)
     settings = Settings(jobs)
-    print(f"rows grouped by model, data and the swept settings {settings.swept or '(none)'}; seeds averaged")
+    notes.insert(0, f"{len(jobs)} jobs of {', '.join(map(str, args.sweeps))}; rows grouped by model, data and the "
+                    f"swept settings {settings.swept or '(none)'}; seeds averaged")
+    print(notes[0])
     written = []
     for name, analysis in REGISTRY.items():
         analysed = [job for job in (settings.job(j, name) for j in jobs) if job.records]
@@ -128,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if not written:
         print(f"make_tables: error: no analysis results in {len(jobs)} finished jobs", file=sys.stderr)
         return 1
+    written.append(write_sweep_report(args.out, written, notes))
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -94,10 +94,46 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(cfg_fact
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
-def test_offline_wandb_run_is_written_without_login(cfg_factory, offline_wandb):
-    run_dir = offline_wandb(cfg_factory("logger=wandb", "trainer.max_epochs=1", name="wb"))
-    runs = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and runs[0].stat().st_size > 0
+def test_offline_wandb_run_reads_by_section_with_constants_in_the_config_and_artifacts(cfg_factory, offline_wandb):
+    """Issue 14 item 3, read back from the offline run file (written without a login): the headline values in
+    the analysis' own section, the rest in ``<name>_detail``, both against the epoch; setup constants in the
+    config and end-of-run values in the summary, neither as a series; checkpoint and results artifacts."""
+    import json
+
+    from conftest import wandb_records
+
+    run_dir = offline_wandb(cfg_factory("logger=wandb", "trainer.max_epochs=3", "logger.wandb.log_model=true",
+                                        name="wb"))  # 3 trained epochs: chirality's end-of-run Spearman rho
+    rec = wandb_records(run_dir)
+    rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in rec["history"]]
+    media = {k.removesuffix("/_type") for r in rows for k in r if k.endswith("/_type")}  # figures and tables
+    logged = {k for r in rows for k in r if not k.startswith(tuple(f"{m}/" for m in media)) and k not in media}
+    assert {"chirality/model", "chirality/model_pooled", "class_filters/acc_full", "class_filters/acc_decomposed",
+            "class_filters/jaccard_mean"} <= logged  # the headline sections
+    assert {k for k in logged if k.startswith(("chirality/", "class_filters/"))} == {
+        "chirality/model", "chirality/model_pooled", "class_filters/acc_full", "class_filters/acc_decomposed",
+        "class_filters/jaccard_mean"}
+    assert {"chirality_detail/model_paramw", "chirality_detail/layer/features.0/c",
+            "class_filters_detail/k5/acc_decomposed"} <= logged
+    assert [r["epoch"] for r in rows if "chirality/model" in r] == [0, 1, 2, 3]
+    axes = {(m.metric.glob_name or m.metric.name): m.metric.step_metric for m in rec["metric"]}
+    assert axes["chirality/*"] == axes["chirality_detail/*"] == axes["class_filters_detail/*"] == "epoch"
+    constants = ("class_filters/dim", "class_filters/k", "chirality/layer/features.0/n_slices")
+    config = {item.key: json.loads(item.value_json) for r in rec["config"] for item in r.config.update}
+    assert config["class_filters/dim"] == 8 and config["class_filters/k"] == 5
+    assert config["chirality/layer/features.0/n_slices"] == 4 * 3  # 4 kernels x 3 input channels
+    series = [*constants, *(c.replace("/", "_detail/", 1) for c in constants)]
+    assert not any(name in logged for name in series)
+    summary = {i.key or "/".join(i.nested_key) for r in rec.get("summary", []) for i in r.summary.update}
+    ends = json.loads((run_dir / "analysis/chirality/summary.json").read_text())
+    assert "chirality/summary/spearman_acc" in ends and {k for k in ends if k != "epochs"} <= summary
+    assert not any("/summary/" in k for k in logged)
+    kinds = {r.artifact.type for r in rec["artifact"]}
+    assert {"model", "results"} <= kinds
+    (results,) = [r.artifact for r in rec["artifact"] if r.artifact.type == "results"]
+    names = {e.path for e in results.manifest.contents}
+    assert {"report.html", "metrics.json", "analysis/chirality/results.jsonl"} <= names
 
 
 def test_mlp_run_warns_once_and_logs_no_chirality(cfg_factory):

@@ -107,12 +107,15 @@ def filter_montage(weight: np.ndarray, labels: Sequence[str], path: Path, *, tit
     return image_grid(list(img), labels, path, title=title, max_cols=16, cell=(0.9, 1.05), fontsize=6)
 
 
-def heatmap(matrix: np.ndarray, path: Path, *, xlabel: str, ylabel: str, title: str = "") -> Path:
-    """A matrix as an image (e.g. the class × feature selection mask)."""
+def heatmap(matrix: np.ndarray, path: Path, *, xlabel: str, ylabel: str, title: str = "",
+            yticks: Sequence[str] | None = None) -> Path:
+    """A matrix as an image (e.g. the class × feature selection mask); ``yticks``: a label per row (up to 40)."""
     matrix = np.asarray(matrix, dtype=float)
     fig, ax = plt.subplots(figsize=(min(14, 3 + 0.08 * matrix.shape[1]), min(10, 1.5 + 0.25 * matrix.shape[0])))
     im = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis")
     fig.colorbar(im, ax=ax, fraction=0.03)
+    if yticks is not None and len(yticks) <= 40:
+        ax.set_yticks(range(len(yticks)), yticks, fontsize=7)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     return _save(fig, path)
 

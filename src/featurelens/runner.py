@@ -8,14 +8,16 @@
 - shows a progress bar over every pass an analysis makes over batches of the data (on a terminal), and
   writes a line to the run log (``train.log``) when it starts and when it ends: the analysis' ``headline``
   values and how long the computation and the report took;
-- logs ``<name>/<key>`` scalars to every logger (and the report's tables, figures, galleries and histograms to
-  W&B), appends the record to ``<run_dir>/analysis/<name>/results.jsonl`` and keeps it in ``history`` (which
-  the callback checkpoints, so a resumed run rewrites the file from it);
+- logs its scalars to every logger (:meth:`AnalysisRunner.log`; and the report's tables, figures, galleries
+  and histograms to W&B), appends the record to ``<run_dir>/analysis/<name>/results.jsonl``, keeps it in
+  ``history`` (which the callback checkpoints, so a resumed run rewrites the file from it) and refreshes the
+  run's report page (``<run_dir>/report.html``, :mod:`featurelens.report_page`);
 - on a shard other than rank 0 only computes (its torchmetrics states sync); rank 0 writes.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from collections.abc import Iterable
@@ -32,6 +34,7 @@ from featurelens import plots
 from featurelens.analysis.base import Analysis, Result
 from featurelens.analysis.hooks import analysis_mode
 from featurelens.api import get as get_analysis
+from featurelens.report_page import write_run_report
 from featurelens.results import ResultsFile, jsonable, write_json
 
 log = logging.getLogger("featurelens")
@@ -71,9 +74,9 @@ class _WithProgress:
         return getattr(self._data, name)
 
 
-def log_scalars(loggers: list[Logger], scalars: dict[str, float], step: int) -> None:
-    for lg in loggers:
-        lg.log_metrics(scalars, step=step)
+def detail_key(name: str, key: str) -> str:
+    """The logged name of analysis ``name``'s non-headline scalar ``key`` (see :meth:`AnalysisRunner.log`)."""
+    return f"{name}_detail/{key}"
 
 
 class AnalysisRunner:
@@ -122,17 +125,33 @@ class AnalysisRunner:
         self.history = [r for r in self.history if r["epoch"] != ctx.epoch] + [record]
         if ctx.shard[0] == 0:  # every rank computes (and syncs); rank 0 writes
             self.results.append(record)
-            log_scalars(ctx.loggers, {**scalars, "epoch": ctx.epoch}, ctx.step)
+            self.log(ctx, scalars)
             self.report(ctx)
             shown = ", ".join(f"{k}={values[k]:.4g}" for k in self.headline if isinstance(values.get(k), int | float))
             log.info("%s epoch %d: %s (%.1f s, report %.1f s)", self.name, ctx.epoch, shown or "done",
                      computed - start, time.perf_counter() - computed)
         return record
 
+    def log(self, ctx: AnalysisContext, scalars: dict[str, float]) -> None:
+        """The epoch's scalars to every logger: the headline ones as ``<name>/<key>``, the rest as
+        ``<name>_detail/<key>`` (in W&B two sections, the headline apart from the per-layer detail), both with
+        the ``epoch`` they are plotted against; the setup constants as hyperparameters (W&B: the run config)."""
+        p = f"{self.name}/"
+        constants = {k: v for k, v in scalars.items()
+                     if any(fnmatch.fnmatchcase(k.removeprefix(p), pat) for pat in self.analysis.constants)}
+        series = {k if k.removeprefix(p) in self.headline else detail_key(self.name, k.removeprefix(p)): v
+                  for k, v in scalars.items() if k not in constants}
+        for lg in ctx.loggers:
+            if constants:
+                lg.log_hyperparams(constants)
+            lg.log_metrics({**series, "epoch": ctx.epoch}, step=ctx.step)
+
     def report(self, ctx: AnalysisContext) -> None:
-        """Write this epoch's files and figures; its tables, figures, galleries and histograms go to W&B too."""
+        """Write this epoch's files and figures and refresh the run's ``report.html``; its tables, figures,
+        galleries and histograms go to W&B too."""
         with plots.epoch_stamp(ctx.epoch):  # every figure says its epoch and is kept per epoch
             written = self.analysis.report(self.result, self.out_dir, final=ctx.final, history=self.history)
+        write_run_report(ctx.run_dir)
         loggers = [lg for lg in ctx.loggers if isinstance(lg, WandbLogger)]
         if not loggers:
             return
@@ -156,8 +175,12 @@ class AnalysisRunner:
     def finish(self, ctx: AnalysisContext) -> dict[str, float]:
         """End-of-run scalars (``<name>/summary/<key>``), logged and in ``summary.json`` with the epochs."""
         summary = {f"{self.name}/summary/{k}": v for k, v in self.analysis.summarize(self.history).items()}
-        if summary:
-            log_scalars(ctx.loggers, summary, ctx.step)
+        if summary:  # end-of-run values: W&B's run summary, not a one-point series
+            for lg in ctx.loggers:
+                if isinstance(lg, WandbLogger):
+                    lg.experiment.summary.update(summary)
+                else:
+                    lg.log_metrics(summary, step=ctx.step)
         write_json(self.out_dir / "summary.json", {"epochs": [r["epoch"] for r in self.history], **summary})
         return summary
 

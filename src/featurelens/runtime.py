@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, InstantiationException, OverrideParseException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 from pytorch_lightning.loggers import Logger
@@ -37,6 +38,8 @@ from featurelens.api import REGISTRY
 from featurelens.data import DATASETS
 from featurelens.errors import ConfigError, DiskFullError, RunError
 from featurelens.models import ARCHS, INIT_METHODS
+from featurelens.report_page import write_run_report
+from featurelens.runner import detail_key
 
 log = logging.getLogger("featurelens")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/ (editable install)
@@ -226,7 +229,8 @@ def build_loggers(cfg: DictConfig, facts: dict[str, Any] | None = None) -> list[
         if key == "wandb":
             logger.experiment.define_metric("epoch")
             for name in cfg.get("analysis") or {}:
-                logger.experiment.define_metric(f"{name}/*", step_metric="epoch")
+                for glob in (f"{name}/*", detail_key(name, "*")):
+                    logger.experiment.define_metric(glob, step_metric="epoch")
         loggers.append(logger)
     return loggers
 
@@ -397,7 +401,8 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig) -> float | Non
     In a ``-m`` sweep a failing job is logged, marked with a ``FAILED`` file in its directory and the sweep
     goes on; a single run exits with status 2 (bad config or input) or 1 (diverged, disk full, or a bug,
     which keeps its traceback). SIGTERM and Ctrl-C stop the run (a sweep too) where it is, with one line naming
-    the last checkpoint, a ``FAILED`` file, and the shell's exit status for the signal (143, 130).
+    the last checkpoint, a ``FAILED`` file, and the shell's exit status for the signal (143, 130). Either way
+    the job's ``report.html`` is rewritten last, with its final metrics or the reason it stopped.
     """
     global _IN_TASK
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
@@ -434,6 +439,9 @@ def run_task(task: Callable[[DictConfig], dict], cfg: DictConfig) -> float | Non
         sys.exit(2 if isinstance(known, ConfigError) else 1)
     finally:
         _IN_TASK = False
+        if rank_zero_only.rank == 0:  # the report page with the final metrics or the reason it failed
+            with contextlib.suppress(OSError):
+                write_run_report(out_dir)
         if main_thread:
             signal.signal(signal.SIGTERM, previous)
         if "wandb" in sys.modules:

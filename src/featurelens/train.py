@@ -17,6 +17,7 @@ from featurelens.analysis.chirality import compatible_width
 from featurelens.checkpoints import AtomicCheckpointIO, check_same_model, read_checkpoint
 from featurelens.errors import ConfigError
 from featurelens.module import Classifier
+from featurelens.report_page import write_run_report
 from featurelens.results import write_json
 from featurelens.runtime import build, build_loggers, entry_point, instantiate_all, validate_config
 
@@ -55,6 +56,23 @@ def build_net(model_cfg: dict[str, Any], data_cfg: DictConfig) -> tuple[torch.nn
         net.train()
     model_cfg["image_size"] = size
     return net, model_cfg, size
+
+
+def log_results_artifact(loggers: list, out_dir: Path) -> None:
+    """``logger.wandb.log_model``: besides Lightning's checkpoint artifacts (type ``model``), the run's results
+    (``analysis/``, ``metrics.json``, ``report.html``) as a W&B artifact of type ``results``."""
+    import wandb
+    from pytorch_lightning.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            artifact = wandb.Artifact(f"results-{lg.experiment.id}", type="results",
+                                      description="featurelens analysis records, figures, tables and report page")
+            artifact.add_file(str(write_run_report(out_dir)))
+            artifact.add_file(str(out_dir / "metrics.json"))
+            if (out_dir / "analysis").is_dir():
+                artifact.add_dir(str(out_dir / "analysis"), name="analysis")
+            lg.experiment.log_artifact(artifact)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -98,6 +116,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics["epochs"] = trainer.current_epoch
     if trainer.is_global_zero:
         write_json(out_dir / "metrics.json", metrics)
+        if OmegaConf.select(cfg, "logger.wandb.log_model"):
+            log_results_artifact(loggers, out_dir)
         log.info("metrics: %s", json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         log.info("outputs in %s", out_dir)
     return metrics

@@ -102,6 +102,7 @@ class Loaders:
     std: list[float] | None = None
     input_size: int | None = None
     channels: int = 3
+    class_names: list[str] | None = None  # shown in figures and tables where given
 
     def normalisation(self) -> tuple[list[float], list[float]]:
         mean, std = IMAGENET_NORMALISATION
@@ -180,8 +181,12 @@ class Analysis:
 
     name: ClassVar[str] = "analysis"
     Config: ClassVar[type] = object
-    #: the keys of the result values that the per-epoch log line shows
+    #: the keys of the result values that the per-epoch log line shows; in W&B they form the ``<name>`` section,
+    #: the other scalars the ``<name>_detail`` one
     headline: ClassVar[tuple[str, ...]] = ()
+    #: scalar keys (fnmatch patterns) that describe the setup and never change over epochs (e.g. a feature
+    #: dimension): the loggers get them as config (hyperparameters), not as series
+    constants: ClassVar[tuple[str, ...]] = ()
     #: True: every rank runs on its shard of the data and the torchmetrics states are summed across ranks;
     #: False: the values depend only on the weights, so rank 0 runs it alone
     sharded: ClassVar[bool] = False

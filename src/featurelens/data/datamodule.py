@@ -187,6 +187,22 @@ class ImageDataModule(pl.LightningDataModule):
         else:
             self._setup_torchvision()
 
+    @property
+    def class_names(self) -> list[str]:
+        """The name of each class where the data has them (the shapes, the digits, a torchvision dataset's or an
+        image folder's classes once set up), else the class index as text; ``num_classes`` entries."""
+        names: list[str] = []
+        if self.name == "shapes":
+            from featurelens.data.shapes import SHAPE_CLASSES
+
+            names = list(SHAPE_CLASSES)
+        elif self.name in ("digits", "mnist"):
+            names = [str(i) for i in range(10)]
+        elif self.train_set is not None:
+            dataset = self.train_set.dataset if isinstance(self.train_set, Subset) else self.train_set
+            names = [str(c) for c in getattr(dataset, "classes", [])]
+        return [names[c] if c < len(names) else str(c) for c in range(self.num_classes)]
+
     def normalisation(self) -> tuple[list[float], list[float]]:
         """The training normalisation ``(mean, std)`` per channel. Torchvision datasets and image folders use
         fixed statistics, so no image is read (a linking run on StyleGAN-XL needs no image folder); the

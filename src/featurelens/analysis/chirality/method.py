@@ -16,6 +16,7 @@ from torch import nn
 from featurelens.analysis.base import Analysis, Data, Result, model_device, register
 from featurelens.analysis.chirality import measure as chi
 from featurelens.errors import ConfigError
+from featurelens.models.names import display_name, paper_layer_names
 
 
 @dataclass
@@ -63,26 +64,30 @@ class ChiralityConfig:
 
 @dataclass
 class ChiralityResult(Result):
-    """One analysed epoch: ``values`` as the results file stores them; ``layers`` the eligible layers in order;
-    ``conv1`` (name, float64 weight) of the first eligible conv, for the filter figure."""
+    """One analysed epoch: ``values`` as the results file stores them; ``layers`` the eligible layers in order
+    (module paths) and ``layer_names`` how figures and tables show them (``conv13 (features.28)``,
+    :func:`featurelens.models.display_name`); ``conv1`` (name, float64 weight) of the first eligible conv, for
+    the filter figure."""
 
     name: ClassVar[str] = "chirality"
     layers: list[str] = field(default_factory=list)
     conv1: tuple[str, torch.Tensor] | None = field(default=None, repr=False)
+    layer_names: dict[str, str] = field(default_factory=dict)
 
     def to_frame(self):
         """The per-layer table: kernel size, slices, C, C pooled, C/c₀ and the symmetric/antisymmetric shares."""
         import pandas as pd
 
         v = self.values
-        return pd.DataFrame([{"layer": n, "kernel": v[f"kernel/{n}"], "n_slices": v[f"layer/{n}/n_slices"],
+        return pd.DataFrame([{"layer": n, "name": self.layer_names.get(n, n), "kernel": v[f"kernel/{n}"],
+                              "n_slices": v[f"layer/{n}/n_slices"],
                               **{col: v.get(f"layer/{n}/{key}") for col, key in (
                                   ("C", "c"), ("C_pooled", "c_pooled"), ("C_norm", "c_norm"),
                                   ("frac_sym", "frac_sym"), ("frac_anti", "frac_anti"))}}
                              for n in self.layers], columns=TABLE_COLUMNS)
 
 
-TABLE_COLUMNS = ["layer", "kernel", "n_slices", "C", "C_pooled", "C_norm", "frac_sym", "frac_anti"]
+TABLE_COLUMNS = ["layer", "name", "kernel", "n_slices", "C", "C_pooled", "C_norm", "frac_sym", "frac_anti"]
 
 
 @register
@@ -92,6 +97,7 @@ class Chirality(Analysis):
     name = "chirality"
     Config = ChiralityConfig
     headline = ("model", "model_pooled")
+    constants = ("fmap_width", "layer/*/n_slices")
 
     def __init__(self, config: ChiralityConfig | None = None, **params: Any):
         super().__init__(config, **params)
@@ -127,7 +133,9 @@ class Chirality(Analysis):
         if c.setlevel and convs:
             values["set_conv1"] = chi.set_level_conv1(convs[0][1])
         conv1 = (convs[0][0], convs[0][1].detach().double().cpu()) if final and convs else None
-        return ChiralityResult(epoch, values, list(res["layers"]), conv1)
+        names = paper_layer_names(model)
+        return ChiralityResult(epoch, values, list(res["layers"]), conv1,
+                               {n: display_name(n, names) for n in res["layers"]})
 
     def summarize(self, history: list[dict[str, Any]]) -> dict[str, float]:
         """Spearman's ρ of C_model against val accuracy over the trained epochs (needs 3)."""

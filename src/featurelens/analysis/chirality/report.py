@@ -36,40 +36,44 @@ def report(result, out_dir: Path, config, *, final: bool, history: list[dict]) -
         table.to_csv(path, index=False)
         split = table.to_dict("split")
         rep.tables["table"] = (split["columns"], split["data"])
-        rep.figures["chirality_vs_epoch"] = _trajectory(history, layers, out_dir)
-        rep.figures["rho_hist_first_last"] = _histograms(history, layers, edges, out_dir)
-        rep.figures["c_norm_by_layer"] = _layer_profile(history, layers, config.hist_every, out_dir)
+        names = result.layer_names
+        rep.figures["chirality_vs_epoch"] = _trajectory(history, layers, names, out_dir)
+        rep.figures["rho_hist_first_last"] = _histograms(history, layers, names, edges, out_dir)
+        rep.figures["c_norm_by_layer"] = _layer_profile(history, layers, names, config.hist_every, out_dir)
     if final and result.conv1 is not None:
-        rep.figures["conv1_by_rho"] = _conv1(*result.conv1, config.eps, out_dir)
+        path, weight = result.conv1
+        rep.figures["conv1_by_rho"] = _conv1(result.layer_names.get(path, path), weight, config.eps, out_dir)
     return rep
 
 
 C0_3X3 = chi.c0_gaussian(3, 3)  # what random 3x3 kernels score (spec §5.3): the line to compare C with
 
 
-def _trajectory(history: list[dict], layers: list[str], out_dir: Path) -> Path:
+def _trajectory(history: list[dict], layers: list[str], names: dict[str, str], out_dir: Path) -> Path:
     epochs = [r["epoch"] for r in history]
     series = {"model (mean of layers)": [r.get("chirality/model") for r in history],
-              **{n: [r.get(f"chirality/layer/{n}/c") for r in history] for n in layers}}
+              **{names.get(n, n): [r.get(f"chirality/layer/{n}/c") for r in history] for n in layers}}
     return plots.line_plot(epochs, series, out_dir / "chirality_vs_epoch.png", xlabel="epoch",
                            ylabel="kernel chirality C (mean over slices)", title="Feature chirality per layer",
                            legend_cols=2, hline={f"c₀ = {C0_3X3:.4f} (i.i.d. 3×3 kernels)": C0_3X3})
 
 
-def _histograms(history: list[dict], layers: list[str], edges: np.ndarray, out_dir: Path) -> Path:
+def _histograms(history: list[dict], layers: list[str], names: dict[str, str], edges: np.ndarray,
+                out_dir: Path) -> Path:
     first, last = history[0], history[-1]
-    hists = {n: {f"epoch {first['epoch']}": first[f"chirality/hist/{n}"],
+    hists = {names.get(n, n): {f"epoch {first['epoch']}": first[f"chirality/hist/{n}"],
                  **({f"epoch {last['epoch']}": last[f"chirality/hist/{n}"]} if last is not first else {})}
              for n in layers if f"chirality/hist/{n}" in first}
     return plots.histogram_grid(edges, hists, out_dir / "rho_hist_first_last.png", xlabel="ρ = cos(w, Tw)",
                                 title="Per-kernel ρ, first vs latest epoch")
 
 
-def _layer_profile(history: list[dict], layers: list[str], hist_every: int, out_dir: Path) -> Path:
+def _layer_profile(history: list[dict], layers: list[str], names: dict[str, str], hist_every: int,
+                   out_dir: Path) -> Path:
     hist_records = [r for r in history if r["epoch"] == 0 or r["epoch"] % hist_every == 0 or r is history[-1]]
     series = {f"epoch {r['epoch']}": [r.get(f"chirality/layer/{n}/c_norm") for n in layers] for r in hist_records}
     return plots.line_plot(list(range(len(layers))), series, out_dir / "c_norm_by_layer.png", xlabel="layer",
-                           ylabel="C / c₀ (1 = random init)", hline=1.0, xticks=layers,
+                           ylabel="C / c₀ (1 = random init)", hline=1.0, xticks=[names.get(n, n) for n in layers],
                            title="Chirality relative to the random-init baseline")
 
 

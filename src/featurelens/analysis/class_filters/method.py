@@ -24,8 +24,8 @@ from featurelens.analysis.class_filters import stats as cf
 from featurelens.analysis.hooks import capture_head_input, find_head, record_outputs
 from featurelens.errors import ConfigError
 
-TABLE_COLUMNS = ["class", "S_c", "h_c_on_S", "n_images", "acc_full", "acc_decomposed", "noise_at_S_correct",
-                 "noise_at_rest_correct"]
+TABLE_COLUMNS = ["class", "class_name", "S_c", "h_c_on_S", "n_images", "acc_full", "acc_decomposed",
+                 "noise_at_S_correct", "noise_at_rest_correct"]
 
 
 @dataclass
@@ -88,6 +88,7 @@ class ClassFiltersResult(Result):
 
     name: ClassVar[str] = "class_filters"
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    class_names: list[str] = field(default_factory=list)  # the data's (``data.class_names``), else indices
 
     @property
     def sets(self) -> list[list[int]]:
@@ -104,7 +105,8 @@ class ClassFiltersResult(Result):
         import pandas as pd
 
         v, k = self.values, self.values["k"]
-        rows = [[c, " ".join(map(str, s)), " ".join(map(str, h)), n, a_full, a_dec, ns, nr]
+        names = self.class_names or [str(c) for c in range(len(v["sets"]))]
+        rows = [[c, names[c], " ".join(map(str, s)), " ".join(map(str, h)), n, a_full, a_dec, ns, nr]
                 for c, (s, h, n, a_full, a_dec, ns, nr) in enumerate(zip(
                     v["sets"], v["h_on_sets"], v["n_images"], v["per_class_acc"]["full"],
                     v["per_class_acc"][f"k{k}"], v["per_class_correct"]["noise_at_S"],
@@ -119,6 +121,7 @@ class ClassFilters(Analysis):
     name = "class_filters"
     Config = ClassFiltersConfig
     headline = ("acc_full", "acc_decomposed", "jaccard_mean")
+    constants = ("dim", "num_classes", "k", "depth", "selection_images")
     sharded = True
 
     def __init__(self, config: ClassFiltersConfig | None = None, **params: Any):
@@ -245,7 +248,7 @@ class ClassFilters(Analysis):
             ref = cf.indices_to_mask(torch.tensor(self.reference), dim)
             values["jaccard_vs_reference"] = float(cf.jaccard_per_class(ref, default.cpu()).mean())
         self.masks = {n: m.cpu() for n, m in masks.items()}
-        return ClassFiltersResult(epoch, values, dict(self.masks))
+        return ClassFiltersResult(epoch, values, dict(self.masks), list(getattr(data, "class_names", None) or []))
 
     def report(self, result: Result, out_dir: Path, *, final: bool = True, history: list[dict] | None = None):
         from featurelens.analysis.class_filters.report import report

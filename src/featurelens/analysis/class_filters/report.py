@@ -31,7 +31,7 @@ def report(result, out_dir: Path, config, *, final: bool = True) -> Report:
     mask = result.mask.numpy()
     used = np.flatnonzero(mask.any(0))  # at D = 2048 the unselected columns would hide the selected ones
     rep.figures["selection_mask"] = plots.heatmap(
-        mask[:, used], out_dir / "selection_mask.png", ylabel="class",
+        mask[:, used], out_dir / "selection_mask.png", ylabel="class", yticks=result.class_names or None,
         xlabel=f"the {len(used)} features of D = {mask.shape[1]} that some class selects (in feature order)",
         title=f"Selected features S_c (k = {v['k']}, head {v['head']})")
     rep.figures["classes_per_feature"] = plots.bar_plot(

@@ -25,6 +25,7 @@ from featurelens.analysis.dissection import measure as nd
 from featurelens.data.broden import DEFAULT_CATEGORIES, BrodenDataset, BrodenError
 from featurelens.data.synthbroden import cached_synthbroden
 from featurelens.errors import ConfigError
+from featurelens.models.names import display_name, paper_layer_names
 
 log = logging.getLogger("featurelens")
 
@@ -142,6 +143,7 @@ class DissectionResult(Result):
     layers: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
     strips: dict[str, dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
     label_names: list[str] = field(default_factory=list, repr=False)
+    layer_names: dict[str, str] = field(default_factory=dict)  # how figures show a layer: conv13 (features.29)
 
     def to_frame(self):
         """The primary layer's tally: one row per unit with its best concept, score and per-category IoUs."""
@@ -256,7 +258,9 @@ class Dissection(Analysis):
         figures = epoch == 0 or epoch % c.figures_every == 0 or final
         strips = {layer: self._top_image_strips(model, layer, res, data) for layer, res in results.items()
                   if figures and c.top_units and res["top_images"] is not None and shard[0] == 0}
-        return DissectionResult(epoch, values, results, strips, list(self.concepts(data).label_names))
+        names = paper_layer_names(model)
+        return DissectionResult(epoch, values, results, strips, list(self.concepts(data).label_names),
+                                {layer: display_name(layer, names) for layer in results})
 
     def _rotation(self, model: nn.Module, layer: str, res: dict[str, Any], data: Data, shard: tuple[int, int]
                   ) -> dict[str, Any]:

@@ -34,17 +34,19 @@ def report(result, out_dir: Path, config, *, history: list[dict]) -> Report:
         np.save(out / "thresholds.npy", res["thresholds"].numpy())
         np.save(out / "iou.npy", res["iou"].numpy().astype(np.float32))
         counts = res["counts_json"]
-        (out / "counts.json").write_text(json.dumps({"epoch": result.epoch, **counts}, indent=1))
+        shown = result.layer_names.get(layer, layer)
+        (out / "counts.json").write_text(json.dumps({"epoch": result.epoch, "layer_name": shown, **counts}, indent=1))
         log.info("dissection %s, epoch %d: %s (method A; method B: %d unique; %d forward pass%s)", layer,
                  result.epoch, counts["header"], counts["unique_B"], res["forward_passes"],
                  "" if res["forward_passes"] == 1 else "es")
         split = res["table"].to_dict("split")
         rep.tables[f"{layer}/tally"] = (split["columns"], split["data"])
         rep.figures[f"{layer}/detectors_per_label"] = _label_bars(res, result.label_names, config.categories, out,
-                                                                  counts["header"], config.iou_threshold)
+                                                                  f"{shown}: {counts['header']}",
+                                                                  config.iou_threshold)
         rep.figures[f"{layer}/score_hist"] = plots.histogram_with_marker(
             res["labels"]["score"].numpy(), config.iou_threshold, out / "score_hist.png",
-            xlabel="unit score (best IoU)", title=f"{layer}: unit scores (line: tau)")
+            xlabel="unit score (best IoU)", title=f"{shown}: unit scores (line: tau)")
         if layer in result.strips:
             rep.galleries[f"{layer}/topimages"] = _write_strips(result.strips[layer], res["table"], out / "topimages")
     epochs = [r["epoch"] for r in history]

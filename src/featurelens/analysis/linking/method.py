@@ -148,6 +148,7 @@ class Linking(Analysis):
     name = "linking"
     Config = LinkingConfig
     headline = ("r2_heldout", "rank", "mse_train")
+    constants = ("min_pairs", "n_per_class")
     hydra_defaults: ClassVar[dict[str, str]] = {"generator": "${generator}"}
 
     def __init__(self, config: LinkingConfig | None = None, **params: Any):

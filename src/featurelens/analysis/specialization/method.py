@@ -134,6 +134,7 @@ class Specialization(Analysis):
     name = "specialization"
     Config = SpecializationConfig
     headline = ("weights/ncut", "weights/ncut_z", "weights/ncut_percentile")
+    constants = ("n_nodes", "n_layers", "fold_bn")
     every_n_epochs = None
 
     def __init__(self, config: SpecializationConfig | None = None, **params: Any):
