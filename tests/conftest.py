@@ -100,32 +100,44 @@ def wandb_media(run_dir: Path) -> set[str]:
     return {p.name.split("_")[0] for p in run_dir.glob("wandb/offline-run-*/files/media/**/*") if p.is_file()}
 
 
-def wandb_records(run_dir: Path) -> dict[str, list]:
+def wandb_records(run_dir: Path, wait_s: float = 30.0) -> dict[str, list]:
     """The records of the one offline W&B run under ``run_dir`` (its ``run-*.wandb`` file: W&B's LevelDB-style
     log of protobuf ``Record``s in 32 KiB blocks, each chunk behind a 7-byte header: CRC, length, type), by
-    record type (``run``, ``config``, ``metric``, ``history``, ...)."""
+    record type (``run``, ``config``, ``metric``, ``history``, ...). The W&B service process may still be
+    appending after ``wandb.finish()`` returns: the file is re-read until it parses to its end and holds the
+    run's ``exit`` record (at most ``wait_s`` seconds)."""
     import struct
+    import time
 
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2 as pb
 
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    data, block = path.read_bytes(), 32768
-    assert data[:4] == b":W&B", "not a W&B run file"
-    out: dict[str, list] = {}
-    pos, buf = 7, b""
-    while pos + 7 <= len(data):
-        room = block - pos % block
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if room >= 7 else (0, 0, 0)
-        if room < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
-            pos += room
-            continue
-        buf = (b"" if kind in (1, 2) else buf) + data[pos + 7:pos + 7 + length]  # FULL/FIRST start a record
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST: a whole record
-            record = pb.Record()
-            record.ParseFromString(buf)
-            out.setdefault(record.WhichOneof("record_type"), []).append(record)
-    return out
+    deadline = time.monotonic() + wait_s
+    while True:
+        data, block = path.read_bytes(), 32768
+        assert data[:4] == b":W&B", "not a W&B run file"
+        out: dict[str, list] = {}
+        pos, buf, torn = 7, b"", False
+        try:
+            while pos + 7 <= len(data):
+                room = block - pos % block
+                _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if room >= 7 else (0, 0, 0)
+                if room < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+                    pos += room
+                    continue
+                torn = pos + 7 + length > len(data)
+                buf = (b"" if kind in (1, 2) else buf) + data[pos + 7:pos + 7 + length]  # FULL/FIRST start one
+                pos += 7 + length
+                if kind in (1, 4) and not torn:  # FULL or LAST: a whole record
+                    record = pb.Record()
+                    record.ParseFromString(buf)
+                    out.setdefault(record.WhichOneof("record_type"), []).append(record)
+        except DecodeError:
+            torn = True
+        if (not torn and "exit" in out) or time.monotonic() > deadline:
+            return out
+        time.sleep(0.5)
 
 
 class CrashAt(pl.Callback):

@@ -15,6 +15,7 @@ from featurelens.results import read_results
 
 pytestmark = pytest.mark.slow
 TINY_CLI = [o for o in TINY if not o.startswith(("model", "trainer.max_epochs"))] + ["trainer.max_epochs=2"]
+DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.sync_batchnorm=false"]
 
 
 def _sweep(tmp_path: Path, *args: str, cli: list[str] = TINY_CLI) -> subprocess.CompletedProcess:
@@ -74,8 +75,7 @@ def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):
               "analysis.class_filters.n_per_class=8", "analysis.dissection.synthbroden.n_images=40",
               "analysis.dissection.batch_size=8", "analysis.dissection.quantile.q=0.02"]
     runs = {}
-    for name, extra in (("single", []), ("ddp", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                                 "trainer.sync_batchnorm=false"])):
+    for name, extra in (("single", []), ("ddp", DDP_CPU)):
         res = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *extra,
                               f"hydra.run.dir={tmp_path}/{name}"], capture_output=True, text=True, cwd=tmp_path,
                              env=env, timeout=600)
@@ -96,6 +96,61 @@ def test_two_process_cpu_ddp_run_records_every_epoch_once(tmp_path):
     for key in ("unique_detectors", "unique_detectors_percat", "detectors", "threshold_mean", "mean_score",
                 "frac_active", "features.5/counts"):
         assert ddp0[f"dissection/{key}"] == single0[f"dissection/{key}"], key
+
+
+def test_specialization_and_linking_under_ddp_equal_the_single_process_run(tmp_path):
+    """Issue 15 item 2: both read only the weights (and the generator), so rank 0 runs them while rank 1 waits at
+    the callback's barrier; their records equal the single-process run's at epoch 0 (same seed, same weights),
+    every epoch is recorded once, and the cVAE that was not cached yet is trained before the fit starts."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["FEATURELENS_CACHE"] = str(tmp_path / "cache")  # no cached cVAE yet
+    common = ["model=small_cnn", "model.channels=[4,8]", "data=digits", "data.image_size=16", "data.batch_size=64",
+              "generator.epochs=1", "trainer.max_epochs=1", "logger=none", "test=false",
+              "callbacks.progress_bar.refresh_rate=0", "analysis=[specialization,linking]",
+              "analysis.specialization.parts=[weights,activations]", "analysis.specialization.n_shuffles=3",
+              "analysis.specialization.k=4", "analysis.specialization.act_samples=100",
+              "analysis.linking.pairs.n_per_class=12", "analysis.linking.pairs.heldout_per_class=4",
+              "analysis.linking.min_pairs=4", "analysis.linking.cf.max_steps=5",
+              "analysis.linking.sweep.units_per_epoch=4", "analysis.linking.sweep.samples=2",
+              "analysis.linking.ref_set.samples_per_class=3", "analysis.linking.classes=[0,1,2]"]
+    runs, logs = {}, {}
+    for name, extra in (("ddp", DDP_CPU), ("single", [])):  # DDP first: it finds no cVAE and trains one
+        res = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, *extra,
+                              f"hydra.run.dir={tmp_path}/{name}"], capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        logs[name] = res.stdout + res.stderr
+        runs[name] = {a: read_results(tmp_path / name / f"analysis/{a}/results.jsonl")
+                      for a in ("specialization", "linking")}
+    log = logs["ddp"]
+    assert log.count("no cached cVAE generator") == 1  # trained once, by the launching process
+    assert log.index("trained the cVAE generator") < log.index("Initializing distributed")
+    assert "no cached cVAE generator" not in logs["single"]
+    for analysis in ("specialization", "linking"):
+        assert [r["epoch"] for r in runs["ddp"][analysis]] == [0, 1]  # rank 0 writes: each epoch once
+        ddp0, single0 = runs["ddp"][analysis][0], runs["single"][analysis][0]
+        numbers = [k for k, v in single0.items() if k.startswith(f"{analysis}/") and isinstance(v, int | float)]
+        assert len(numbers) > 5
+        for key in numbers:
+            assert ddp0[key] == single0[key], key
+
+
+def test_a_ddp_spawn_sweep_runs_each_job_across_two_processes(tmp_path):
+    """``-m`` with ``trainer.strategy.start_method=spawn`` (ddp_spawn): each job trains on 2 CPU processes, records
+    every epoch once, and the sweep's tables read both jobs."""
+    res = _sweep(tmp_path, "model=small_cnn", "model.channels=[4,8]", "init=kaiming,xavier", *DDP_CPU,
+                 "trainer.strategy.start_method=spawn", cli=[o for o in TINY_CLI if o != "trainer=cpu"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (res.stdout + res.stderr).count("MEMBER: 2/2") == 2  # each job's second rank joined
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert len(jobs) == 2
+    for job in jobs:
+        assert (job / "metrics.json").is_file() and not (job / "FAILED").exists()
+        for analysis in ("chirality", "class_filters"):
+            assert [r["epoch"] for r in read_results(job / f"analysis/{analysis}/results.jsonl")] == [0, 1, 2]
+    table = _make_tables(tmp_path)
+    assert table.returncode == 0, table.stderr
+    assert sorted(pd.read_csv(tmp_path / "tables" / "chirality_init.csv").init) == ["kaiming_normal", "xavier_normal"]
 
 
 def test_specialization_sweep_builds_the_init_vs_trained_table(tmp_path):

@@ -14,6 +14,7 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from featurelens.analysis.chirality import compatible_width
+from featurelens.callbacks import AnalysisCallback
 from featurelens.checkpoints import AtomicCheckpointIO, check_same_model, read_checkpoint
 from featurelens.errors import ConfigError
 from featurelens.module import Classifier
@@ -99,6 +100,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         check_same_model(read_checkpoint(cfg.ckpt_path), net, model_cfg, f"ckpt_path={cfg.ckpt_path!r}")
     loggers = build_loggers(cfg, {"n_params": sum(p.numel() for p in net.parameters())})
     callbacks = instantiate_all(cfg.get("callbacks")) + instantiate_all(cfg.get("analysis"))
+    for cb in callbacks:  # slow set-up (a cVAE to train) before the fit, not inside a callback under DDP
+        if isinstance(cb, AnalysisCallback):
+            cb.runner.analysis.prepare(datamodule)
     try:
         trainer: pl.Trainer = build(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                     plugins=[AtomicCheckpointIO()])

@@ -5,6 +5,7 @@ An analysis is a subclass of :class:`Analysis`, registered with :func:`register`
 - ``Config``: a dataclass, the single source of the analysis' parameters, their defaults and their checks
   (``__post_init__`` raises :class:`~featurelens.errors.ConfigError` naming the key); ``featurelens.runtime``
   registers it in Hydra's ConfigStore, so ``analysis=<name>`` composes it and ``--cfg job`` shows it;
+- ``prepare(data)``: slow set-up done once before training (optional);
 - ``run(model, data, epoch=, shard=, final=)``: the whole method, returning a :class:`Result`; it keeps what
   the next epoch needs (e.g. the previous sets) in ``state_dict()``, which the training callback checkpoints;
 - ``report(result, out_dir, final=, history=)``: writes its figures and files and returns a :class:`Report` of
@@ -199,6 +200,10 @@ class Analysis:
         if config is not None and params:
             raise TypeError("give a config or keyword parameters, not both")
         self.config = config if config is not None else self.Config(**params)
+
+    def prepare(self, data: Data) -> None:
+        """Whatever slow set-up the analysis needs, done before training starts, outside any process group
+        (the linking cVAE, trained and cached once per data config); a no-op by default."""
 
     def run(self, model: nn.Module, data: Data, *, epoch: int = 0, shard: tuple[int, int] = (0, 1),
             final: bool = True) -> Result:

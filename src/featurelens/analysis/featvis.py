@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from featurelens.analysis.hooks import StopForward, eval_mode, forward_hooks, run_forward
+from featurelens.analysis.hooks import StopForward, eval_mode, forward_hooks, frozen, run_forward
 from featurelens.analysis.specialization.measure import (
     fisher_combine,
     mean_sem,
@@ -186,19 +186,6 @@ def _unit_means(z: Tensor) -> Tensor:
     return z.flatten(2).mean(-1) if z.dim() > 2 else z
 
 
-@contextlib.contextmanager
-def _eval_no_param_grad(model: nn.Module) -> Iterator[None]:
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        with eval_mode(model):
-            for p, _ in flags:
-                p.requires_grad_(False)
-            yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-
-
 def _seeds(seed: int | Sequence[int], n: int) -> list[int]:
     if isinstance(seed, (int, np.integer)):
         return seed_sequence_ints(int(seed), n)
@@ -254,7 +241,8 @@ def visualise(model: nn.Module, z_module: nn.Module, unit_sets: Sequence[Tensor 
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(_eval_no_param_grad(model))
+        stack.enter_context(eval_mode(model))
+        stack.enter_context(frozen(model))
         stack.enter_context(forward_hooks([(z_module, hook)]))
         param = FourierImage(n_sets, channels, size, gens, device=device)
         opt = torch.optim.Adam(param.parameters(), lr=lr)

@@ -97,11 +97,28 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter of ``model`` requires a gradient inside the block (each gets its own flag back on exit): an
+    analysis that differentiates through the model (linking's counterfactuals, feature visualisation) neither
+    fills the parameters' ``.grad`` nor fires DDP's gradient hooks, which would wait for the other ranks."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[None]:
-    """What every analysis runs under: :func:`eval_mode`, no gradients, a forked RNG (the global torch RNG, and
-    the current CUDA device's, are as before afterwards), so that analysing never perturbs training."""
+    """What every analysis runs under: :func:`eval_mode`, :func:`frozen` parameters, no gradients, a forked RNG
+    (the global torch RNG, and the current CUDA device's, are as before afterwards), so that analysing never
+    perturbs training."""
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad(), eval_mode(model):
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.no_grad(), eval_mode(model), \
+            frozen(model):
         yield
 
 

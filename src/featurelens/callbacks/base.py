@@ -9,7 +9,9 @@ epoch, with the model in eval mode and the RNG forked):
   (``on_validation_end``, after the epoch's validation metrics exist and before ``ModelCheckpoint`` saves, so
   the checkpoint holds the record; ``on_train_epoch_end`` when no validation ran), and the last, never during
   Lightning's sanity check;
-- on every rank for a ``sharded`` analysis (its torchmetrics states sync), else on rank 0 only;
+- on every rank for a ``sharded`` analysis (its torchmetrics states sync), else on rank 0 only, with the
+  other ranks held at an explicit barrier until it is done (the DDP strategy's ``timeout`` bounds the wait:
+  ``conf/trainer/ddp.yaml``), so no rank runs ahead into the next collective;
 - checkpointing the runner's ``history`` with the analysis' own state (``Analysis.state_dict``), so a resumed
   run rewrites the results file from the history and continues without duplicated or lost epochs.
 """
@@ -36,6 +38,7 @@ class AnalysisCallback(pl.Callback):
         self.name = cls.name
         self.rank_zero_only = not cls.sharded  # analyses on identical weights need only rank 0
         self.every_n_epochs = every_n_epochs
+        self._done: set[int] = set()  # analysed epochs, the same on every rank (rank 0 alone keeps the records)
 
     # ------------------------------------------------------------------ Lightning hooks
     def _context(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> AnalysisContext:
@@ -54,26 +57,30 @@ class AnalysisCallback(pl.Callback):
     def _net(pl_module: pl.LightningModule):
         return pl_module.net if hasattr(pl_module, "net") else pl_module
 
-    def _active(self, trainer: pl.Trainer) -> bool:
-        return (trainer.is_global_zero or not self.rank_zero_only) and not trainer.sanity_checking
+    def _analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Analyse ``epoch`` once: on every rank (sharded), or on rank 0 while the others wait at a barrier."""
+        if epoch in self._done:
+            return
+        self._done.add(epoch)
+        if trainer.is_global_zero or not self.rank_zero_only:
+            self.runner.analyze(self._net(pl_module), self._context(trainer, pl_module, epoch))
+        if self.rank_zero_only and trainer.world_size > 1:
+            trainer.strategy.barrier(f"featurelens-{self.name}-epoch{epoch}")
 
     def _maybe_analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         due = (self.every_n_epochs is not None and epoch % self.every_n_epochs == 0) or self._final(trainer, epoch)
-        if not self._active(trainer) or not due or any(r["epoch"] == epoch for r in self.runner.history):
-            return
-        self.runner.analyze(self._net(pl_module), self._context(trainer, pl_module, epoch))
+        if due and not trainer.sanity_checking:
+            self._analyze(trainer, pl_module, epoch)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.runner.run_dir = Path(trainer.default_root_dir)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._active(trainer):
-            return
         if trainer.is_global_zero:
             self.runner.results.rewrite(self.runner.history)  # a resumed run continues the restored history
-        if trainer.global_step == 0 and not any(r["epoch"] == 0 for r in self.runner.history):
-            self.runner.analyze(self._net(pl_module), self._context(trainer, pl_module, 0))
+        if trainer.global_step == 0:
+            self._analyze(trainer, pl_module, 0)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" and trainer.val_check_batch == trainer.num_training_batches:
@@ -95,4 +102,5 @@ class AnalysisCallback(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.runner.history = list(state_dict.get("history", []))
+        self._done = {r["epoch"] for r in self.runner.history}  # every rank loads the same checkpoint
         self.runner.analysis.load_state_dict(state_dict.get("analysis", {}))

@@ -263,7 +263,8 @@ class LinkingStats(Metric):
 
 def fit_linking_map(r: Tensor, w: Tensor, alpha: float = 0.0, rcond: float | None = None) -> LinkingMap:
     """One-shot fit on ``(n, d)`` features and ``(n, m)`` latents (see :meth:`LinkingStats.solve`)."""
-    stats = LinkingStats(r.reshape(r.shape[0], -1).shape[1], w.reshape(w.shape[0], -1).shape[1])
+    stats = LinkingStats(r.reshape(r.shape[0], -1).shape[1], w.reshape(w.shape[0], -1).shape[1],
+                         sync_on_compute=False)  # one process's pairs: no other rank to wait for
     stats.update(r, w)
     return stats.solve(alpha, rcond)
 

@@ -157,19 +157,28 @@ class Linking(Analysis):
         self._last: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _data_config(data: Data) -> dict[str, Any]:
+        keys = ("name", "image_size", "channels", "num_classes", "seed", "n_train")
+        missing = [k for k in keys if not hasattr(data, k)]
+        if missing:
+            raise ConfigError(f"linking finds (or trains) its generator for the classifier's data config: give "
+                              f"data= a featurelens ImageDataModule (this data has no {missing})")
+        return {k: getattr(data, k) for k in keys}
+
+    def prepare(self, data: Data) -> None:
+        """Train and cache the default cVAE now if it is not cached yet, so no rank trains it inside a callback."""
+        from featurelens.models.generators.store import ensure_cached
+
+        ensure_cached(dict(self.config.generator), self._data_config(data))
+
     def generator(self, data: Data, device: torch.device):
         """The frozen generator (loaded once; a cVAE not yet cached is trained for this data config)."""
         if self._gen is None:
             from featurelens.models.generators.store import load_generator
 
-            keys = ("name", "image_size", "channels", "num_classes", "seed", "n_train")
-            missing = [k for k in keys if not hasattr(data, k)]
-            if missing:
-                raise ConfigError(f"linking finds (or trains) its generator for the classifier's data config: give "
-                                  f"data= a featurelens ImageDataModule (this data has no {missing})")
             with torch.enable_grad():  # a missing cVAE is trained here, inside the analysis' no_grad
-                self._gen = load_generator(dict(self.config.generator), {k: getattr(data, k) for k in keys},
-                                           device)
+                self._gen = load_generator(dict(self.config.generator), self._data_config(data), device)
         return self._gen
 
     def _classes(self, gen) -> list[int]:
@@ -237,7 +246,7 @@ class Linking(Analysis):
             values.update({k: math.nan for k in ("r2_heldout", "r2_pooled", "mse_train", "mse_heldout", "cycle_top1",
                                                  "w_cos")})
             return LinkingResult(epoch, values, dict(self._last))
-        stats = lk.LinkingStats(d, m)
+        stats = lk.LinkingStats(d, m, sync_on_compute=False)  # rank 0 runs linking alone (not sharded)
         stats.update(train.r.double(), train.w.double())
         lmap = stats.solve(self.config.fit.alpha)
         values["mse_train"] = stats.train_scores(lmap)["mse"]

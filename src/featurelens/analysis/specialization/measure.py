@@ -894,7 +894,8 @@ def activation_graph(model: nn.Module, data: Iterable[Any], graph: WeightGraph |
         layers = layers[1:-1]
     names = [graph.z_modules[i] for i in layers]
     sizes = np.asarray([graph.layer_sizes[i] for i in layers], dtype=np.int64)
-    metric = ActivationCorrelation(int(sizes.sum()), max_samples, corr, act_reduction)
+    # one process reads the probe data (specialization runs on rank 0 alone): no other rank to sync with
+    metric = ActivationCorrelation(int(sizes.sum()), max_samples, corr, act_reduction, sync_on_compute=False)
     with torch.no_grad(), eval_mode(model), record_outputs({n: model.get_submodule(n) for n in names},
                                                            lambda z: reduce_activations(z, act_reduction).float()
                                                            ) as current:

@@ -34,7 +34,7 @@ from featurelens.results import atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GENERATORS", "cache_path", "load_cvae", "load_generator", "save_cvae", "train_from_config"]
+__all__ = ["GENERATORS", "cache_path", "ensure_cached", "load_cvae", "load_generator", "save_cvae", "train_from_config"]
 
 GENERATORS = ("cvae", "stylegan_xl")
 CKPT_FORMAT = "featurelens.cvae/1"
@@ -139,6 +139,18 @@ def _train_and_cache(gen_cfg: dict, data_cfg: dict, path: Path) -> CondVAEGenera
                                "train": _train_settings(gen_cfg), "train_minutes": round(minutes, 3)})
     log.info("trained the cVAE generator in %.1f min; saved %s", minutes, path)
     return gen
+
+
+def ensure_cached(gen_cfg: dict, data_cfg: dict) -> None:
+    """Train and cache the cVAE that ``load_generator`` would train for these configs, if it is not cached yet
+    (nothing for StyleGAN-XL, a given ``generator.ckpt`` or a data config without a cVAE recipe)."""
+    gen_cfg, data_cfg = dict(gen_cfg or {}), dict(data_cfg or {})
+    if gen_cfg.get("name") != "cvae" or gen_cfg.get("ckpt") or data_cfg.get("name") not in ("shapes", "digits"):
+        return
+    path = cache_path(gen_cfg, data_cfg)
+    if not path.is_file():
+        with torch.enable_grad():
+            _train_and_cache(gen_cfg, data_cfg, path)
 
 
 # ---------------------------------------------------------------------------- entry point
