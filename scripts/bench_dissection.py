@@ -1,8 +1,9 @@
 """Benchmark of network dissection: featurelens' streaming ``dissect`` against the real NetDissect-Lite.
 
     python scripts/bench_dissection.py [--lite PATH] [--model resnet18|small_cnn] [--size PX]
-                                       [--n-images 300 600] [--batch-size 64] [--device cpu|cuda]
-                                       [--threads T] [--seed 0] [--data-dir DIR] [--no-check] [--out table.csv]
+                                       [--n-images 300 600] [--batch-size 64] [--workers 0] [--repeat 3]
+                                       [--device cpu|cuda] [--threads T] [--seed 0] [--data-dir DIR] [--no-check]
+                                       [--out table.csv]
 
 ``--lite PATH`` is a checkout of https://github.com/CSAILVision/NetDissect-Lite (written against 2163454, the
 commit spec dissection.md cites as [LITE]). Without it only the project is measured (same table, project rows).
@@ -20,8 +21,9 @@ Both implementations dissect the same model weights, layer and data with q = 0.0
 - input: Lite's own preprocessing (BGR mean (109.5388, 118.6897, 124.6901) subtracted, / (255·0.224)); the
   project gets the same arithmetic through ``dissect(preprocess=...)``, so both models see bit-identical input.
 - project: ``featurelens.analysis.dissection.dissect``: pass 1 exact thresholds, pass 2 streaming tallies (over
-  the activations pass 1 cached where they fit its budget, else a second forward pass; the table says which),
-  ``denominator='lite'`` so its IoUs are Lite's, ``num_workers=0`` (its default: decoding in the same process),
+  the activations and parsed masks pass 1 kept where they fit its budget, else a second forward pass or mask
+  read; the table says which), ``denominator='lite'`` so its IoUs are Lite's, ``num_workers=--workers`` (default
+  0, the project's default: decoding in the same process; on 2 cores a worker only slowed the forward pass down),
   ``--batch-size``.
 - Lite: a temporary copy of the checkout with the shims below; a driver (this script's Lite child) runs
   steps 1-3 of Lite's ``main.py``: ``FeatureOperator.feature_extraction`` (forward passes, every activation
@@ -35,17 +37,22 @@ Both implementations dissect the same model weights, layer and data with q = 0.0
 What is measured
 ----------------
 Every measurement runs in a fresh ``multiprocessing`` spawn process (a fresh Lite copy each), after imports,
-model loading, dataset parsing (and Lite's prefetcher pool) and one warm-up forward:
+model loading, dataset parsing (and Lite's prefetcher pool) and one warm-up forward. Each size is run
+``--repeat`` times (default 3), the project and Lite alternating, so that a slow spell of the machine hits both;
+each row is the run with the median total (its stages are that run's), with the range of the totals:
 
 - total s: wall time of the dissection (project: the ``dissect`` call; Lite: steps 1-3); images/s = N / total.
 - features s: Lite step 1 (image decoding, forward, memmap writes). Project: its image decoding and forward
-  passes (one or two; it keeps no feature store on disk).
+  passes (one or two; it keeps no feature store on disk). Decoding is timed by a ``BrodenDataset`` subclass,
+  in this process and in forked DataLoader workers alike (shared counters).
 - forward s: model input to the probed layer's output (``model.forward`` wrapped, a hook on the layer; CUDA
   synchronised), summed over all forward calls; part of "features".
-- threshold s: Lite step 2. Project: pass 1 minus its image decoding and forward (top-m buffers and readout).
-- tally s: Lite step 3. Project: pass 2 minus its image decoding and forward (mask decoding, tallies, IoU,
-  labels, table). The project's pass boundary is its first mask read (``load_labels`` or ``dataset[i]``; pass 1
-  reads images only, through ``load_image``); its image decoding is timed by a ``BrodenDataset`` subclass.
+- threshold s: Lite step 2. Project: pass 1 minus its forward and the decoding done in this process (top-m
+  buffers and readout).
+- tally s: Lite step 3 (its masks decoded by its prefetcher, tallies, IoU, ``tally.csv``). Project: pass 2
+  minus its forward and image decoding, plus the mask decoding and label parsing wherever it ran (pass 1, which
+  decodes the masks when their parsed labels fit the budget, or workers): tallies, IoU, labels, table and every
+  mask. The pass boundary is the first ``IoUTally`` built (once the thresholds are known).
 - peak RSS / growth: ``VmHWM`` of the measured process after the high-water mark was reset
   (``/proc/self/clear_refs``) at the end of the set-up; growth = peak - resident set at the reset. Touched pages
   of Lite's memmaps count; the memory of Lite's prefetcher worker processes does not.
@@ -215,39 +222,63 @@ def _quiet(log_path: str) -> None:
 # The project, in a fresh process
 # ---------------------------------------------------------------------------------------------------------------
 def _timed_broden():
+    from featurelens.analysis.dissection import parse_labels
     from featurelens.data.broden import BrodenDataset
 
     class TimedBroden(BrodenDataset):
-        """BrodenDataset that times its image decoding per pass and notes when ``dissect``'s pass 2 begins: at
-        the first mask read (``load_labels`` or ``dataset[i]``; pass 1 reads images only, through ``load_image``)."""
+        """BrodenDataset that sums the seconds spent decoding images and decoding + parsing masks, in this process
+        and in its DataLoader workers (forked, so they inherit the shared counters)."""
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.pass2_start: float | None = None
-            self.image_s = [0.0, 0.0]
+            self.decode_s = {"images": mp.Value("d", 0.0), "masks": mp.Value("d", 0.0)}
 
-        def phase(self) -> int:
-            return int(self.pass2_start is not None)
+        def seconds(self) -> dict[str, float]:
+            return {k: v.value for k, v in self.decode_s.items()}
 
-        def _mark_pass2(self) -> None:
-            if self.pass2_start is None:
-                self.pass2_start = time.perf_counter()
+        def _timed(self, key: str, fn, i: int):
+            t0 = time.perf_counter()
+            out = fn(i)
+            with self.decode_s[key].get_lock():
+                self.decode_s[key].value += time.perf_counter() - t0
+            return out
 
         def load_image(self, i):
-            t0 = time.perf_counter()
-            x = super().load_image(i)
-            self.image_s[self.phase()] += time.perf_counter() - t0
-            return x
+            return self._timed("images", super().load_image, i)
 
         def load_labels(self, i):
-            self._mark_pass2()
-            return super().load_labels(i)
+            return self._timed("masks", lambda j: parse_labels(super(TimedBroden, self).load_labels(j)), i)
 
         def __getitem__(self, i):
-            self._mark_pass2()
-            return super().__getitem__(i)
+            return self.load_image(i), self.load_labels(i)
 
     return TimedBroden
+
+
+class PassClock:
+    """The start of ``dissect``'s pass 2 (the tallies are built once the thresholds are known) and the decoding
+    seconds of ``ds`` at that moment: wraps ``IoUTally.__init__``."""
+
+    def __init__(self, ds):
+        from featurelens.analysis.dissection import measure
+
+        self.start: float | None = None
+        self.decoded: dict[str, float] | None = None
+        self._cls, self._init = measure.IoUTally, measure.IoUTally.__init__
+        init = self._init
+
+        def timed_init(tally, *args, **kwargs):
+            if self.start is None:
+                self.start, self.decoded = time.perf_counter(), ds.seconds()
+            init(tally, *args, **kwargs)
+
+        self._cls.__init__ = timed_init
+
+    def phase(self) -> int:
+        return int(self.start is not None)
+
+    def remove(self) -> None:
+        self._cls.__init__ = self._init
 
 
 class LiteCounting(torch.utils.data.Dataset):
@@ -275,7 +306,9 @@ class LiteCounting(torch.utils.data.Dataset):
         return self.ds.load_image(i)
 
     def load_labels(self, i):
-        labels = self.ds.load_labels(i)
+        from featurelens.data.broden import BrodenDataset
+
+        labels = BrodenDataset.load_labels(self.ds, i)  # the masks as read (the timed subclass parses them)
         image_level = [labels[c].reshape(-1) for c in self.categories if self.ds.image_level[c]]
         img = torch.cat(image_level) if image_level else torch.zeros(0, dtype=torch.int64)
         img = img[img > 0]
@@ -305,6 +338,7 @@ def project_child(root: str, cfg: dict, result_path: str) -> None:
     """Set up, reset the RSS peak, ``dissect``, pickle timings, tallies and (for the check) Lite's excess."""
     _quiet(result_path + ".log")
     torch.set_num_threads(cfg["threads"])
+    mp.set_start_method("fork", force=True)  # DataLoader workers as on Linux by default (this child was spawned)
     from featurelens.analysis.dissection import dissect
 
     dev = cfg["device"]
@@ -315,9 +349,11 @@ def project_child(root: str, cfg: dict, result_path: str) -> None:
     layer = model.get_submodule(layer_name)
     with torch.no_grad():  # warm-up (allocator, kernels) outside the measurement
         model(lite_preprocess(ds.load_image(0)[None].to(dev)))
-    ds.image_s = [0.0, 0.0]
-    clock = ForwardClock(model, layer, dev, phase=ds.phase)
-    kw = {"q": Q, "denominator": "lite", "device": dev, "batch_size": cfg["batch_size"], "preprocess": lite_preprocess}
+    passes = PassClock(ds)
+    clock = ForwardClock(model, layer, dev, phase=passes.phase)
+    kw = {"q": Q, "denominator": "lite", "device": dev, "batch_size": cfg["batch_size"], "preprocess": lite_preprocess,
+          "num_workers": cfg["workers"]}
+    decoded0 = ds.seconds()
     reset = _reset_peak()
     rss0 = _status_kb("VmRSS")
     t0 = time.perf_counter()
@@ -327,14 +363,17 @@ def project_child(root: str, cfg: dict, result_path: str) -> None:
     t1 = time.perf_counter()
     hwm = _status_kb("VmHWM")
     clock.remove()
-    p2 = ds.pass2_start
-    if p2 is None:
-        raise RuntimeError("dissect never read a mask: cannot split its passes")
+    passes.remove()
+    decoded = {k: v - decoded0[k] for k, v in ds.seconds().items()}
+    in_pass1 = {k: v - decoded0[k] for k, v in passes.decoded.items()}
+    # decoding in this process is part of its pass's wall time; in workers it runs beside it (and is added)
+    local = 0.0 if cfg["workers"] else 1.0
     out = {"seconds": t1 - t0, "rss0_kb": rss0, "hwm_kb": hwm, "peak_reset": reset, "disk_bytes": 0,
-           "forward_passes": res.get("forward_passes", 2), "forward": sum(clock.seconds),
-           "features": sum(clock.seconds) + sum(ds.image_s),
-           "threshold": p2 - t0 - clock.seconds[0] - ds.image_s[0],
-           "tally": t1 - p2 - clock.seconds[1] - ds.image_s[1],
+           "forward_passes": res["forward_passes"], "labels_cached": res["labels_cached"],
+           "forward": sum(clock.seconds), "features": sum(clock.seconds) + decoded["images"],
+           "threshold": passes.start - t0 - clock.seconds[0] - local * (in_pass1["images"] + in_pass1["masks"]),
+           "tally": t1 - passes.start - clock.seconds[1] - local * (decoded["images"] - in_pass1["images"])
+           + (1 - local) * (decoded["masks"] - in_pass1["masks"]) + in_pass1["masks"],
            "thresholds": res["thresholds"].numpy(), "tally_arrays": _tally_arrays(res),
            "detectors": res["counts"]["detectors"], "unit_score": res["labels"]["score"].numpy(),
            "unit_label": [ds.label_names[c] for c in res["labels"]["label"].tolist()],
@@ -606,8 +645,10 @@ def _lite_version(path: Path) -> str:
         return "unknown commit (not a git checkout)"
 
 
-def _row(name: str, n: int, r: dict) -> dict:
+def _row(name: str, n: int, r: dict, runs: list[dict]) -> dict:
+    totals = sorted(x["seconds"] for x in runs)
     return {"implementation": name, "images": n, "total s": round(r["seconds"], 2),
+            "runs: min-max s": f"{totals[0]:.2f}-{totals[-1]:.2f}" if len(totals) > 1 else "",
             "images/s": round(n / r["seconds"], 1), "features s": round(r["features"], 2),
             "(forward s)": round(r["forward"], 2), "threshold s": round(r["threshold"], 2),
             "tally s": round(r["tally"], 2), "peak RSS MiB": round(r["hwm_kb"] / 1024, 1),
@@ -623,6 +664,8 @@ def main() -> None:
                                                                 "resnet18, 32 for small_cnn")
     parser.add_argument("--n-images", type=int, nargs="+", default=[300, 600], help="dataset sizes")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="the project's DataLoader workers (num_workers)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each implementation per size (median shown)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per process")
     parser.add_argument("--seed", type=int, default=0, help="model weights and synthbroden seed")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (Lite's GPU flag follows)")
@@ -656,9 +699,10 @@ def main() -> None:
         lite_model_file = work / "model.pt"
         torch.save(model, lite_model_file)
     cfg = {"model": args.model, "layer": layer, "size": size, "batch_size": args.batch_size, "device": args.device,
-           "threads": args.threads, "weights": str(weights), "lite_model_file": str(lite_model_file), "check": check}
+           "threads": args.threads, "workers": args.workers, "weights": str(weights),
+           "lite_model_file": str(lite_model_file), "check": check}
 
-    results: dict[tuple[str, int], dict] = {}
+    runs: dict[tuple[str, int], list[dict]] = {}
     report: list[str] = []
     for n in args.n_images:
         root = data_dir / f"synthbroden_{n}_{size}_{args.seed}"
@@ -666,29 +710,34 @@ def main() -> None:
             print(f"writing synthbroden: {n} images at {size} px ...", file=sys.stderr, flush=True)
             write_synthbroden(root, n_images=n, size=size, seed=args.seed)
         thresholds = work / f"thresholds_{n}.npy"
-        print(f"featurelens dissect on {n} images ...", file=sys.stderr, flush=True)
-        results[("project", n)] = run_child(project_child, (str(root), {**cfg, "thresholds_out": str(thresholds)}),
-                                            work / f"project_{n}.pkl")
-        if args.lite is None:
-            continue
-        copy = work / f"lite_{n}"
         with open(root / "category.csv") as fh:
             lite_cats = [line.split(",")[0] for line in fh.read().splitlines()[1:]]
-        prepare_lite(args.lite, copy, cfg, root, lite_cats)
-        print(f"NetDissect-Lite on {n} images ...", file=sys.stderr, flush=True)
-        results[("lite", n)] = run_child(lite_child, (str(copy), {**cfg, "thresholds_in": str(thresholds)}),
-                                         work / f"lite_{n}.pkl")
+        for rep in range(args.repeat):  # alternating, so a slow spell of the machine hits both
+            run_cfg = {**cfg, "check": check and rep == 0}
+            print(f"featurelens dissect on {n} images (run {rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+            runs.setdefault(("project", n), []).append(run_child(
+                project_child, (str(root), {**run_cfg, "thresholds_out": str(thresholds)}), work / f"project_{n}.pkl"))
+            if args.lite is None:
+                continue
+            copy = work / f"lite_{n}"
+            prepare_lite(args.lite, copy, cfg, root, lite_cats)
+            print(f"NetDissect-Lite on {n} images (run {rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
+            runs.setdefault(("lite", n), []).append(run_child(
+                lite_child, (str(copy), {**run_cfg, "thresholds_in": str(thresholds)}), work / f"lite_{n}.pkl"))
+            shutil.rmtree(copy)  # its memmaps
         if check:
-            report += agreement(results[("project", n)], results[("lite", n)], n)
-        shutil.rmtree(copy)  # its memmaps
+            report += agreement(runs[("project", n)][0], runs[("lite", n)][0], n)
+    # each row: the run with the median total time (its stages are that run's)
+    results = {key: sorted(rs, key=lambda r: r["seconds"])[(len(rs) - 1) // 2] for key, rs in runs.items()}
 
     def name(impl: str, r: dict) -> str:
         if impl == "lite":
             return "NetDissect-Lite"
         passes = r["forward_passes"]
-        return f"featurelens dissect ({passes} forward pass{'es' if passes > 1 else ''})"
+        masks = ", masks read in pass 1" if r["labels_cached"] else ""
+        return f"featurelens dissect ({passes} forward pass{'es' if passes > 1 else ''}{masks})"
 
-    table = pd.DataFrame([_row(name(impl, r), n, r) for (impl, n), r in results.items()])
+    table = pd.DataFrame([_row(name(impl, r), n, r, runs[(impl, n)]) for (impl, n), r in results.items()])
     ds = BrodenDataset(data_dir / f"synthbroden_{args.n_images[0]}_{size}_{args.seed}")
     print(f"## Network dissection: {model_desc}, synthbroden {size} px (masks {size // 2}), q = {Q}, batch "
           f"{args.batch_size}, {ds.num_labels - 1} labels, {len(ds.categories)} categories, device {args.device}\n")

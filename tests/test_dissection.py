@@ -102,17 +102,51 @@ def _brute_force(acts, labels, T, num_labels, prim, K):
     return I, G, Ap, Al
 
 
-@pytest.mark.parametrize(("source", "cache_bytes"), [("list", 2**30), ("list", 0), ("broden", 2**30), ("broden", 0)])
-def test_streaming_equals_brute_force(broden, source, cache_bytes):
-    """Both paths (activations cached from pass 1, or a second forward pass) on a plain dataset and on a
-    BrodenDataset (whose passes decode only the images, then only the masks) equal the brute force."""
+class CountingBroden(BrodenDataset):
+    """Counts its mask reads."""
+
+    mask_reads = 0
+
+    def load_labels(self, i):
+        self.mask_reads += 1
+        return super().load_labels(i)
+
+
+# what pass 1 keeps within cache_bytes -> (forward passes, labels cached, mask reads beyond the N of one pass)
+CACHE_MODES = {"everything": (1, True, 1), "activations": (1, False, 1),
+               "labels dropped midway": (1, False, 1 + N_IMAGES), "nothing": (2, False, 0)}
+
+
+def _cache_budget(mode: str, ds, items) -> int:
+    """A cache_bytes that puts dissect of ``items`` (4 units of 8x8 float32 maps) in ``mode``."""
+    from featurelens.analysis.dissection import parse_labels
+
+    acts, labels = 4 * 8 * 8 * 4 * len(items), [parse_labels(lab).nbytes for _, lab in items]
+    budget = {"everything": 2**30, "activations": acts, "labels dropped midway": acts + sum(labels) - 1,
+              "nothing": 0}[mode]
+    if mode == "labels dropped midway":  # the first image's labels times N fit: pass 1 reads them, then overflows
+        assert labels[0] * len(items) <= budget
+    if mode == "activations":
+        assert labels[0] * len(items) > budget
+    return budget
+
+
+@pytest.mark.parametrize("mode", list(CACHE_MODES))
+@pytest.mark.parametrize("source", ["list", "broden"])
+def test_streaming_equals_brute_force(broden, source, mode):
+    """Every path (pass 1 keeping the activations and the parsed labels, only the activations, the labels
+    dropped once over budget, or nothing: a second forward pass) on a plain dataset and on a BrodenDataset
+    (whose passes decode only what they need) equal the brute force, reading the masks as often as said."""
     ds, items = broden
-    data = ds if source == "broden" else ListData(items, ds.categories, ds.label_names)
+    data = CountingBroden(ds.root) if source == "broden" else ListData(items, ds.categories, ds.label_names)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)  # 32 px -> 8x8 raw maps, masks 16x16
     res = dissect(conv, conv, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=3,
-                  cache_bytes=cache_bytes)
-    assert res["forward_passes"] == (1 if cache_bytes else 2)
+                  cache_bytes=_cache_budget(mode, ds, items))
+    passes, labels_cached, extra_reads = CACHE_MODES[mode]
+    assert (res["forward_passes"], res["labels_cached"]) == (passes, labels_cached)
+    if source == "broden":
+        assert data.mask_reads == N_IMAGES + extra_reads  # + the first image's, to size the label cache
 
     with torch.no_grad():
         acts = conv(torch.stack([x for x, _ in items]))

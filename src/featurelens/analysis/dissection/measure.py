@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -146,14 +146,19 @@ class UnitQuantiles(Metric):
 class ImageLabels(NamedTuple):
     """One image's labels in the form the tally joins on (:func:`parse_labels`).
 
-    ``pixel_labels``: sorted unique ``pixel * LABEL_BASE + label`` codes of its pixel labels (label > 0, mask layers
-    OR-ed per label, labels also present image-level dropped: those cover the whole grid anyway, §2.4);
-    ``image_labels``: its sorted unique image-level labels (> 0); ``size``: the mask grid (sh, sw), or None for an
-    image without pixel categories."""
+    ``pixel_labels``: the ``pixel * LABEL_BASE + label`` codes of its pixel labels, sorted by pixel, each
+    (pixel, label) once (label > 0, mask layers OR-ed per label, labels also present image-level dropped: those
+    cover the whole grid anyway, §2.4); ``image_labels``: its sorted unique image-level labels (> 0); ``size``:
+    the mask grid (sh, sw), or None for an image without pixel categories."""
 
     pixel_labels: torch.Tensor
     image_labels: torch.Tensor
     size: tuple[int, int] | None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the two tensors."""
+        return (self.pixel_labels.numel() + self.image_labels.numel()) * 8
 
 
 LABEL_BASE = 65536  # Broden label numbers are R + 256·G < 2^16
@@ -166,33 +171,36 @@ def parse_labels(labels: Mapping[str, torch.Tensor] | ImageLabels,
     if isinstance(labels, ImageLabels):
         return labels
     size = None
-    pix, img = [], []
+    layers, img = [], []  # pixel label layers (P,) each; image-level label arrays
     for cat, t in labels.items():
-        t = torch.as_tensor(t)
-        if cat in image_level or t.ndim <= 1:
-            img.append(t.reshape(-1).to(torch.int64))
+        a = np.asarray(t)
+        if cat in image_level or a.ndim <= 1:
+            img.append(a.reshape(-1))
             continue
-        if t.ndim == 2:
-            t = t.unsqueeze(0)
+        if a.ndim == 2:
+            a = a[None]
         if size is None:
-            size = (int(t.shape[-2]), int(t.shape[-1]))
-        elif size != (int(t.shape[-2]), int(t.shape[-1])):
-            raise ValueError(f"category {cat!r}: mask size {tuple(t.shape[-2:])} != {size}")
-        pix.append(t.reshape(t.shape[0], -1).to(torch.int64))
-    img_set = torch.unique(torch.cat(img)) if img else torch.zeros(0, dtype=torch.int64)
+            size = (int(a.shape[-2]), int(a.shape[-1]))
+        elif size != (int(a.shape[-2]), int(a.shape[-1])):
+            raise ValueError(f"category {cat!r}: mask size {tuple(a.shape[-2:])} != {size}")
+        layers.extend(a.reshape(a.shape[0], -1))
+    img_set = np.unique(np.concatenate(img)).astype(np.int64) if img else np.zeros(0, dtype=np.int64)
     img_set = img_set[img_set > 0]
-    if pix:
-        lab = torch.cat(pix, dim=0)  # (layers, P)
-        if lab.numel() and int(lab.max()) >= LABEL_BASE:
+    if layers:
+        keep = []
+        for j, layer in enumerate(layers):  # a label already in an earlier layer or image-level: counted there
+            k = layer > 0
+            for other in [*layers[:j], *img_set]:
+                k &= layer != other
+            keep.append(k)
+        lab = np.stack(layers, axis=1)  # (P, layers)
+        if int(lab.max(initial=0)) >= LABEL_BASE:
             raise ValueError(f"label numbers must be < {LABEL_BASE}, got {int(lab.max())}")
-        keep = lab > 0
-        if img_set.numel():
-            keep &= ~torch.isin(lab, img_set)
-        pos = torch.arange(lab.shape[1]).expand_as(lab)
-        codes = torch.unique(pos[keep] * LABEL_BASE + lab[keep])  # sorted by pixel, then label
+        p, j = np.nonzero(np.stack(keep, axis=1))  # by pixel
+        codes = p.astype(np.int64) * LABEL_BASE + lab[p, j].astype(np.int64)
     else:
-        codes = torch.zeros(0, dtype=torch.int64)
-    return ImageLabels(codes, img_set, size)
+        codes = np.zeros(0, dtype=np.int64)
+    return ImageLabels(torch.from_numpy(codes), torch.from_numpy(img_set), size)
 
 
 class IoUTally(Metric):
@@ -425,21 +433,21 @@ def tally_table(tally, iou_: torch.Tensor, primary_category, label_names: Sequen
     t = _tally_dict(tally)
     K = len(categories)
     ul = unit_labels(iou_, primary_category, num_categories=K)
-    A = t["act_paper" if denominator == "paper" else "act_lite"].cpu()
-    I, G = t["intersection"].cpu(), t["label_count"].cpu()
-    rows = []
-    for k in range(iou_.shape[0]):
-        row = {"unit": k + 1, "category": categories[int(ul["category"][k])],
-               "label": label_names[int(ul["label"][k])], "score": float(ul["score"][k])}
-        for j, cat in enumerate(categories):
-            c = int(ul["label_percat"][k, j])
-            row[f"{cat}-label"] = label_names[c] if c > 0 else ""
-            row[f"{cat}-truth"] = int(G[c]) if c > 0 else 0
-            row[f"{cat}-activation"] = int(A[k, j])
-            row[f"{cat}-intersect"] = int(I[k, c]) if c > 0 else 0
-            row[f"{cat}-iou"] = float(ul["score_percat"][k, j])
-        rows.append(row)
-    df = pd.DataFrame(rows)
+    A = t["act_paper" if denominator == "paper" else "act_lite"].cpu().numpy()
+    I, G = t["intersection"].cpu().numpy(), t["label_count"].cpu().numpy()
+    names = np.asarray(["", *label_names[1:]], dtype=object)  # label 0: no label
+    units = np.arange(iou_.shape[0])
+    cols: dict[str, Any] = {"unit": units + 1, "category": np.asarray(categories, dtype=object)[ul["category"].numpy()],
+                            "label": np.asarray(label_names, dtype=object)[ul["label"].numpy()],
+                            "score": ul["score"].numpy().astype(np.float64)}
+    for j, cat in enumerate(categories):
+        c = ul["label_percat"][:, j].numpy()
+        cols[f"{cat}-label"] = names[c]
+        cols[f"{cat}-truth"] = np.where(c > 0, G[c], 0).astype(np.int64)
+        cols[f"{cat}-activation"] = A[:, j].astype(np.int64)
+        cols[f"{cat}-intersect"] = np.where(c > 0, I[units, c], 0).astype(np.int64)
+        cols[f"{cat}-iou"] = ul["score_percat"][:, j].numpy().astype(np.float64)
+    df = pd.DataFrame(cols)
     return df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
 
 
@@ -652,11 +660,13 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     """Run both streaming passes (§2.2 thresholds, §2.5 tallies) on the outputs of ``layers`` ({name: module}).
 
     All layers are hooked at once, so the model runs once or twice in all, whatever the number of layers, and
-    each forward pass stops after the last hooked layer. Pass 1 decodes the images only and computes the
-    thresholds; pass 2 decodes the masks and tallies. When every hooked layer's activations of this shard fit in
-    ``cache_bytes`` (float32, on ``device``), pass 1 keeps them and pass 2 runs no forward pass; above the budget
-    pass 2 runs the model again (``forward_passes`` says which), so memory stays bounded whatever the number of
-    images. Several names may hook the same module (e.g. with different rotations).
+    each forward pass stops after the last hooked layer. Pass 1 computes the thresholds, pass 2 the tallies.
+    Within ``cache_bytes``, pass 1 keeps for pass 2: first every hooked layer's activations of this shard (float32,
+    on ``device``; then pass 2 runs no forward pass), then the parsed labels (then pass 1 decodes the masks too and
+    pass 2 reads no file; tried when the first image's labels times the images fit the budget). What does not fit
+    pass 2 computes again: the forward pass (``forward_passes``: 2) and the masks (``labels_cached``: False), so
+    memory stays bounded whatever the number of images. Several names may hook the same module (e.g. with
+    different rotations).
 
     Args:
         data: a sized Dataset of ``(x, {category: tensor})`` items (e.g. :class:`BrodenDataset`); images in
@@ -668,14 +678,15 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
             when torch.distributed is initialised, so every rank returns the same global result.
         topn: also track the ``topn`` images with the highest max activation per unit (``top_images``).
         num_workers: DataLoader workers decoding images and masks (and parsing the labels) beside the model.
-        cache_bytes: the activation budget of the one-forward-pass path (0: always two passes).
+        cache_bytes: the memory pass 1 may keep for pass 2: activations, then parsed labels (0: nothing, two
+            forward passes and pass 2 decodes the masks).
 
     Returns {layer name: dict}: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1)
     float64, ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None
     if no names), ``frac_active`` (mean |M|/(N·sh·sw) over units, after upsampling), ``frac_active_raw`` (mean
     share of raw values above T_k: ≈ q by construction, lower where ties at T_k, e.g. ReLU zeros, fill the top
     quantile), ``quantile_method`` (the method used), ``top_images`` ((topn, U) dataset indices or None),
-    ``forward_passes`` (1 or 2).
+    ``forward_passes`` (1 or 2), ``labels_cached`` (whether pass 2 used the labels pass 1 parsed).
     """
     if not layers:
         raise ValueError("no layer to dissect")
@@ -709,9 +720,17 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     top: dict[str, TopImages] = {}
     reduce = {name: rotated(rots.get(name)) for name in layers}
     n_shard = len(range(shard[0], n_images, shard[1]))
+    # What pass 1 keeps for pass 2 within cache_bytes: the activations first (then pass 2 runs no forward pass),
+    # then the parsed labels (then pass 1 decodes the masks beside the forward pass and pass 2 reads no file),
+    # the latter only if the first image's labels, times the images, fit the budget on their own.
     cache: list[dict[str, torch.Tensor]] | None = []
+    label_cache: list[list[ImageLabels]] | None = None
+    if n_shard and cache_bytes:
+        first = _Shard(data, *shard, read="labels")[0][1]
+        label_cache = [] if first.nbytes * n_shard <= cache_bytes else None
+    kept = 0  # bytes of cached labels
     with torch.no_grad(), eval_mode(model), record_outputs(layers, reduce, stop=True) as captured:
-        for x, _, idx in batches("dissection pass 1/2", "images"):
+        for x, labels, idx in batches("dissection pass 1/2", "images" if label_cache is None else "both"):
             acts = forward(x)
             if cache is not None:
                 per_image = sum(a[0].numel() * 4 for a in acts.values())
@@ -719,6 +738,13 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
                     cache.append(acts)
                 else:
                     cache = None
+            if label_cache is not None:
+                kept += sum(lab.nbytes for lab in labels)
+                reserved = 0 if cache is None else sum(a[0].numel() * 4 for a in acts.values()) * n_shard
+                if reserved + kept <= cache_bytes:
+                    label_cache.append(labels)
+                else:
+                    label_cache = None
             for name, a in acts.items():
                 if name not in quant:
                     q_metric, method[name] = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
@@ -734,8 +760,15 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
         T = {name: m.compute() for name, m in quant.items()}
         tally = {name: IoUTally(T[name].numel(), num_labels, primary_category, num_categories=K).to(device)
                  for name in layers}
-        for i, (x, labels, _) in enumerate(batches("dissection pass 2/2", "both" if cache is None else "labels")):
-            for name, a in (forward(x) if cache is None else cache[i]).items():
+        if cache is not None and label_cache is not None:
+            second = zip(cache, label_cache, strict=True)
+        else:
+            read = {(True, False): "labels", (False, True): "images"}.get((cache is not None, label_cache is not None),
+                                                                          "both")
+            second = ((forward(x) if cache is None else cache[i], labels if label_cache is None else label_cache[i])
+                      for i, (x, labels, _) in enumerate(batches("dissection pass 2/2", read)))
+        for acts, labels in second:
+            for name, a in acts.items():
                 tally[name].update(a, labels, T[name])
         tallies = {name: {k: v.cpu() for k, v in m.compute().items()} for name, m in tally.items()}
     results = {}
@@ -748,7 +781,7 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
                "frac_active": float(t["act_total"].double().mean() / max(int(t["pixels"]), 1)),
                "frac_active_raw": float(t["raw_active"].double().mean() / max(int(t["raw_values"]), 1)),
                "top_images": top[name].compute().cpu() if name in top else None, "table": None,
-               "forward_passes": 2 if cache is None else 1}
+               "forward_passes": 2 if cache is None else 1, "labels_cached": label_cache is not None}
         if categories is not None and label_names is not None:
             res["table"] = tally_table(t, I, primary_category, label_names, categories, denominator)
         results[name] = res

@@ -80,7 +80,7 @@ class DissectionConfig:
     upsample: str = "bilinear"
     batch_size: int = 64  # memory knob: pass 2 holds only the active pixels of M (about q of B*U*sh*sw)
     num_workers: int = 0  # DataLoader workers decoding Broden images and masks
-    cache_bytes: int = 1024**3  # keep pass-1 activations up to this size: one forward pass (0: always two)
+    cache_bytes: int = 1024**3  # pass 1 keeps activations, then parsed masks, up to this: one forward pass, one read
     topn_images: int = 10  # top-activating images per unit (strips in topimages/)
     top_units: int = 8  # units (by score) that get a strip, at figure epochs
     figures_every: int = 5
