@@ -101,7 +101,8 @@ def main() -> int:
         "analyze.py, every analysis, ResNet-18, cpu": ["analyze.py", "device=cpu", *ANALYSES,
                                                        f"hydra.run.dir={out}/analyze_cpu"],
         f"dissection benchmark, 224 px, {dev}": ["scripts/bench_dissection.py", "--device", dev, "--size", "224",
-                                                 "--n-images", "300", "--out", str(out / "bench_dissection.csv")],
+                                                 "--n-images", "300", "--repeat", "1",
+                                                 "--out", str(out / "bench_dissection.csv")],
     }
     # with --device cpu the device runs are the reference runs (same names): each runs once
     rows, failed = [], False
