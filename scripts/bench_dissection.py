@@ -364,16 +364,17 @@ def project_child(root: str, cfg: dict, result_path: str) -> None:
     hwm = _status_kb("VmHWM")
     clock.remove()
     passes.remove()
-    decoded = {k: v - decoded0[k] for k, v in ds.seconds().items()}
-    in_pass1 = {k: v - decoded0[k] for k, v in passes.decoded.items()}
-    # decoding in this process is part of its pass's wall time; in workers it runs beside it (and is added)
-    local = 0.0 if cfg["workers"] else 1.0
+    pass1 = {k: v - decoded0[k] for k, v in passes.decoded.items()}  # decoding seconds per pass
+    pass2 = {k: v - decoded0[k] - pass1[k] for k, v in ds.seconds().items()}
+    # decoding in this process is inside its pass's wall time; in DataLoader workers it runs beside it
+    inside = 0 if cfg["workers"] else 1
     out = {"seconds": t1 - t0, "rss0_kb": rss0, "hwm_kb": hwm, "peak_reset": reset, "disk_bytes": 0,
            "forward_passes": res["forward_passes"], "labels_cached": res["labels_cached"],
-           "forward": sum(clock.seconds), "features": sum(clock.seconds) + decoded["images"],
-           "threshold": passes.start - t0 - clock.seconds[0] - local * (in_pass1["images"] + in_pass1["masks"]),
-           "tally": t1 - passes.start - clock.seconds[1] - local * (decoded["images"] - in_pass1["images"])
-           + (1 - local) * (decoded["masks"] - in_pass1["masks"]) + in_pass1["masks"],
+           "forward": sum(clock.seconds), "features": sum(clock.seconds) + pass1["images"] + pass2["images"],
+           "threshold": passes.start - t0 - clock.seconds[0] - inside * (pass1["images"] + pass1["masks"]),
+           # the tally stage's work includes every mask decoded and parsed, in whichever pass
+           "tally": t1 - passes.start - clock.seconds[1] - inside * (pass2["images"] + pass2["masks"])
+           + pass1["masks"] + pass2["masks"],
            "thresholds": res["thresholds"].numpy(), "tally_arrays": _tally_arrays(res),
            "detectors": res["counts"]["detectors"], "unit_score": res["labels"]["score"].numpy(),
            "unit_label": [ds.label_names[c] for c in res["labels"]["label"].tolist()],

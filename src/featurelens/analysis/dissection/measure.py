@@ -732,16 +732,15 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     with torch.no_grad(), eval_mode(model), record_outputs(layers, reduce, stop=True) as captured:
         for x, labels, idx in batches("dissection pass 1/2", "images" if label_cache is None else "both"):
             acts = forward(x)
+            acts_bytes = sum(a[0].numel() * 4 for a in acts.values()) * n_shard  # all of them, kept
             if cache is not None:
-                per_image = sum(a[0].numel() * 4 for a in acts.values())
-                if per_image * n_shard <= cache_bytes:
+                if acts_bytes <= cache_bytes:
                     cache.append(acts)
                 else:
                     cache = None
             if label_cache is not None:
                 kept += sum(lab.nbytes for lab in labels)
-                reserved = 0 if cache is None else sum(a[0].numel() * 4 for a in acts.values()) * n_shard
-                if reserved + kept <= cache_bytes:
+                if (0 if cache is None else acts_bytes) + kept <= cache_bytes:
                     label_cache.append(labels)
                 else:
                     label_cache = None

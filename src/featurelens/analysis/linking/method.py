@@ -177,8 +177,7 @@ class Linking(Analysis):
         if self._gen is None:
             from featurelens.models.generators.store import load_generator
 
-            with torch.enable_grad():  # a missing cVAE is trained here, inside the analysis' no_grad
-                self._gen = load_generator(dict(self.config.generator), self._data_config(data), device)
+            self._gen = load_generator(dict(self.config.generator), self._data_config(data), device)
         return self._gen
 
     def _classes(self, gen) -> list[int]:

@@ -129,7 +129,7 @@ def train_from_config(gen_cfg: dict, data_cfg: dict, progress: bool = True) -> C
     return train_cvae(images, labels, masks, num_classes=num_classes, progress=progress, **kwargs)
 
 
-def _train_and_cache(gen_cfg: dict, data_cfg: dict, path: Path) -> CondVAEGenerator:
+def _train_and_cache(gen_cfg: dict, data_cfg: dict, path: Path) -> None:
     log.info("no cached cVAE generator for data=%s at %dpx: training one (%s epochs), then caching it at %s",
              data_cfg.get("name"), data_cfg.get("image_size"), _train_settings(gen_cfg)["epochs"], path)
     start = time.perf_counter()
@@ -138,19 +138,20 @@ def _train_and_cache(gen_cfg: dict, data_cfg: dict, path: Path) -> CondVAEGenera
     save_cvae(gen, path, meta={"data": _data_key(data_cfg, _train_settings(gen_cfg)["n_train"]),
                                "train": _train_settings(gen_cfg), "train_minutes": round(minutes, 3)})
     log.info("trained the cVAE generator in %.1f min; saved %s", minutes, path)
-    return gen
 
 
-def ensure_cached(gen_cfg: dict, data_cfg: dict) -> None:
-    """Train and cache the cVAE that ``load_generator`` would train for these configs, if it is not cached yet
-    (nothing for StyleGAN-XL, a given ``generator.ckpt`` or a data config without a cVAE recipe)."""
+def ensure_cached(gen_cfg: dict, data_cfg: dict) -> Path | None:
+    """The cache file of the cVAE for these configs, trained and cached first if it is not there yet (also
+    inside ``no_grad``); None where no cVAE is trained: StyleGAN-XL, a given ``generator.ckpt``, or a data config
+    without a cVAE recipe."""
     gen_cfg, data_cfg = dict(gen_cfg or {}), dict(data_cfg or {})
     if gen_cfg.get("name") != "cvae" or gen_cfg.get("ckpt") or data_cfg.get("name") not in ("shapes", "digits"):
-        return
+        return None
     path = cache_path(gen_cfg, data_cfg)
     if not path.is_file():
         with torch.enable_grad():
             _train_and_cache(gen_cfg, data_cfg, path)
+    return path
 
 
 # ---------------------------------------------------------------------------- entry point
@@ -174,11 +175,8 @@ def load_generator(gen_cfg: dict, data_cfg: dict, device: str | torch.device = "
         gen = load_cvae(path, device)
         _check_matches(gen, data_cfg, f"checkpoint {str(path)!r}")
         return gen
-    path = cache_path(gen_cfg, data_cfg)
-    if path.is_file():
-        log.info("loading the cached cVAE generator %s", path)
-        gen = load_cvae(path, device)
-    else:
-        gen = _train_and_cache(gen_cfg, data_cfg, path).to(device)
+    path = ensure_cached(gen_cfg, data_cfg)
+    log.info("loading the cached cVAE generator %s", path)
+    gen = load_cvae(path, device)
     _check_matches(gen, data_cfg, f"cache {str(path)!r}")
     return gen
