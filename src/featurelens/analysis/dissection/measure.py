@@ -158,7 +158,7 @@ class ImageLabels(NamedTuple):
     @property
     def nbytes(self) -> int:
         """Memory held by the two tensors."""
-        return (self.pixel_labels.numel() + self.image_labels.numel()) * 8
+        return sum(t.numel() * t.element_size() for t in (self.pixel_labels, self.image_labels))
 
 
 LABEL_BASE = 65536  # Broden label numbers are R + 256·G < 2^16
@@ -616,6 +616,11 @@ def random_init_copy(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return clone
 
 
+def _read(images: bool, labels: bool) -> str:
+    """:class:`_Shard`'s ``read`` for a pass that needs the images and/or the labels."""
+    return "both" if images and labels else "images" if images else "labels"
+
+
 class _Shard(torch.utils.data.Dataset):
     """Every ``world``-th item from ``rank`` on, as ``(x, labels, global index)``, decoding only what a pass needs:
     ``read="images"`` (thresholds) leaves the labels empty, ``read="labels"`` (tallies over cached activations)
@@ -730,7 +735,7 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
         label_cache = [] if first.nbytes * n_shard <= cache_bytes else None
     kept = 0  # bytes of cached labels
     with torch.no_grad(), eval_mode(model), record_outputs(layers, reduce, stop=True) as captured:
-        for x, labels, idx in batches("dissection pass 1/2", "images" if label_cache is None else "both"):
+        for x, labels, idx in batches("dissection pass 1/2", _read(True, label_cache is not None)):
             acts = forward(x)
             acts_bytes = sum(a[0].numel() * 4 for a in acts.values()) * n_shard  # all of them, kept
             if cache is not None:
@@ -762,8 +767,7 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
         if cache is not None and label_cache is not None:
             second = zip(cache, label_cache, strict=True)
         else:
-            read = {(True, False): "labels", (False, True): "images"}.get((cache is not None, label_cache is not None),
-                                                                          "both")
+            read = _read(cache is None, label_cache is None)  # what pass 1 did not keep
             second = ((forward(x) if cache is None else cache[i], labels if label_cache is None else label_cache[i])
                       for i, (x, labels, _) in enumerate(batches("dissection pass 2/2", read)))
         for acts, labels in second:
