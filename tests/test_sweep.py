@@ -131,8 +131,9 @@ def test_specialization_and_linking_under_ddp_equal_the_single_process_run(tmp_p
         ddp0, single0 = runs["ddp"][analysis][0], runs["single"][analysis][0]
         numbers = [k for k, v in single0.items() if k.startswith(f"{analysis}/") and isinstance(v, int | float)]
         assert len(numbers) > 5
-        for key in numbers:
-            assert ddp0[key] == single0[key], key
+        for key in numbers:  # floats to 1e-5: on a 2-core box rank 0's linking leakage differed in the 6th digit
+            expected = single0[key] if isinstance(single0[key], int) else pytest.approx(single0[key], rel=1e-5)
+            assert ddp0[key] == expected, key
 
 
 def test_a_ddp_spawn_sweep_runs_each_job_across_two_processes(tmp_path):
