@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from featurelens.api import REGISTRY
 from featurelens.errors import ConfigError
+from featurelens.models import build_model
 from featurelens.runtime import validate_config
 from featurelens.train import build_net
 
@@ -60,6 +61,24 @@ def test_grey_data_adapts_the_first_conv(cfg_factory):
     net, _, width = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
     assert net.conv1.in_channels == 1 and net.conv1.kernel_size == (7, 7)
     assert net(torch.randn(2, 1, width, width)).shape == (2, 10)
+
+
+
+@pytest.mark.parametrize(("model", "p"), [("vgg16", 0.0), ("vgg11", 0.5), ("vgg16_bn", 0.5), ("alexnet", 0.5)])
+def test_classifier_dropout_follows_model_dropout(cfg_factory, model, p):
+    """VGG-16 from scratch drops its classifier dropout (issue 10: with torchvision's 0.5 it stays at chance)."""
+    def dropouts(*overrides: str) -> list[float]:
+        cfg = cfg_factory(f"model={model}", *overrides, base=[])
+        net, _, _ = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
+        return [m.p for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+
+    assert dropouts() == [p, p]
+    assert dropouts("model.dropout=0.25") == [0.25, 0.25]
+
+
+def test_dropout_on_a_resnet_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.dropout=0.1: resnet18 has no dropout layer"):
+        build_model("resnet18", 10, dropout=0.1)
 
 
 @pytest.mark.parametrize(("override", "needle"), [

@@ -136,23 +136,29 @@ def _load_weights(model: nn.Module, arch: str, weights: str) -> str:
 def build_model(arch: str, num_classes: int, in_channels: int = 3, *, image_size: int | None = None,
                 weights: str | None = None, head_module: str | None = None, cifar_stem: bool = False,
                 hidden: list[int] | None = None, channels: list[int] | None = None, pool_every: int = 2,
-                dropout: float = 0.0, batch_norm: bool = True) -> nn.Module:
+                dropout: float | None = None, batch_norm: bool = True) -> nn.Module:
     """Build ``arch`` for ``num_classes`` classes and ``in_channels``-channel inputs.
 
     ``weights``: torchvision weight name or a local state-dict/checkpoint file; loaded before the head and
-    the stem are adapted, so pretrained features survive.
+    the stem are adapted, so pretrained features survive. ``dropout``: the dropout probability of the MLP, the
+    small CNN (default 0) or the classifier of AlexNet and the VGGs (default torchvision's 0.5); the ResNets
+    have none.
     """
     if arch not in ARCHS:
         raise ConfigError(f"model.arch={arch!r} is unknown; valid: {list(ARCHS)}")
+    if dropout is not None and arch.startswith("resnet"):
+        raise ConfigError(f"model.dropout={dropout!r}: {arch} has no dropout layer")
     if arch == "mlp":
         if image_size is None:
             raise ConfigError("model=mlp needs data.image_size to size its input layer")
-        model: nn.Module = MLP(in_channels * image_size**2, list(hidden or [256] * 4), num_classes, dropout)
+        model: nn.Module = MLP(in_channels * image_size**2, list(hidden or [256] * 4), num_classes, dropout or 0.0)
     elif arch == "small_cnn":
         model = SmallCNN(in_channels, list(channels or [32, 32, 64, 64, 128, 128]), num_classes, pool_every,
-                         dropout=dropout, batch_norm=batch_norm)
+                         dropout=dropout or 0.0, batch_norm=batch_norm)
     else:
-        model = getattr(torchvision.models, arch)(weights=None, num_classes=1000 if weights else num_classes)
+        extra = {} if dropout is None else {"dropout": dropout}
+        model = getattr(torchvision.models, arch)(weights=None, num_classes=1000 if weights else num_classes,
+                                                  **extra)
         if weights:
             _load_weights(model, arch, weights)
         if cifar_stem:
