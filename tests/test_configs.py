@@ -63,7 +63,6 @@ def test_grey_data_adapts_the_first_conv(cfg_factory):
     assert net(torch.randn(2, 1, width, width)).shape == (2, 10)
 
 
-
 @pytest.mark.parametrize(("model", "p"), [("vgg16", 0.0), ("vgg11", 0.5), ("vgg16_bn", 0.5), ("alexnet", 0.5)])
 def test_classifier_dropout_follows_model_dropout(cfg_factory, model, p):
     """VGG-16 from scratch drops its classifier dropout (issue 10: with torchvision's 0.5 it stays at chance)."""
