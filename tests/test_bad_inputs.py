@@ -58,6 +58,8 @@ TRAIN_CASES = [
     ("optimizer.lr=-0.1", "optimizer.lr=-0.1: must be a finite number > 0"),
     ("optimizer.lr=abc", "optimizer.lr='abc'"),
     ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1"),
+    ("optimizer.head_lr_scale=0", "optimizer.head_lr_scale=0: must be a finite number > 0"),
+    ("optimizer.head_lr_scale=0.5 model.head_module=null", "optimizer.head_lr_scale=0.5 needs model.head_module"),
     ("data.batch_size=0", "data.batch_size=0"),
     ("data.batch_size=1.5", "data.batch_size=1.5"),
     ("data.num_workers=-1", "data.num_workers=-1"),

@@ -350,6 +350,21 @@ def test_one_validation_epoch_above_the_bound_is_not_divergence_two_in_a_row_are
     assert checkpoint["featurelens"]["val_over_bound"] == 2  # survives a resume
 
 
+def test_head_lr_scale_gives_the_head_its_own_learning_rate():
+    """ResNet-50's recipe trains its 2048-feature head at 0.01 x lr (README, Sweeps): two parameter groups."""
+    from featurelens.module import Classifier
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 10))
+    sgd = {"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1, "momentum": 0.9}
+    model_cfg = {"num_classes": 10, "arch": "toy", "head_module": "2"}
+    scaled = Classifier(model_cfg, {**sgd, "head_lr_scale": 0.01}, net=net).configure_optimizers()["optimizer"]
+    body, head = scaled.param_groups
+    assert [p.shape for p in body["params"]] == [(8, 4), (8,)] and body["lr"] == 0.1
+    assert [p.shape for p in head["params"]] == [(10, 8), (10,)] and head["lr"] == pytest.approx(0.001)
+    assert head["momentum"] == 0.9
+    plain = Classifier(model_cfg, {**sgd, "head_lr_scale": 1}, net=net).configure_optimizers()["optimizer"]
+    assert len(plain.param_groups) == 1 and len(plain.param_groups[0]["params"]) == 4
+
 @pytest.mark.parametrize("ignore", [True, False])
 def test_a_run_starts_with_its_summary_and_without_the_known_third_party_noise(tmp_path, ignore):
     tiny = [o for o in TINY if not o.startswith("analysis.")]

@@ -144,8 +144,18 @@ class Classifier(pl.LightningModule):
         if state.get("val_acc_best") is not None:
             self.val_acc_best.max_value.fill_(state["val_acc_best"])
 
+    def _param_groups(self, lr: float, head_lr_scale: float) -> list[dict[str, Any]]:
+        """One group, or two when the head (``model_cfg.head_module``) learns at ``head_lr_scale`` × ``lr``."""
+        if head_lr_scale == 1:
+            return [{"params": list(self.net.parameters())}]
+        in_head = {id(p) for p in self.net.get_submodule(self.hparams.model_cfg["head_module"]).parameters()}
+        return [{"params": [p for p in self.net.parameters() if id(p) not in in_head]},
+                {"params": [p for p in self.net.parameters() if id(p) in in_head], "lr": lr * head_lr_scale}]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.trainer.model.parameters())
+        opt_cfg = dict(self.hparams.optimizer)
+        groups = self._param_groups(opt_cfg["lr"], opt_cfg.pop("head_lr_scale", 1))
+        optimizer = instantiate(opt_cfg)(params=groups)
         if not self.hparams.scheduler:
             return {"optimizer": optimizer}
         cfg = dict(self.hparams.scheduler)

@@ -154,6 +154,11 @@ def _validate_training(cfg: DictConfig) -> None:
         _check(_number(lr) and lr > 0, "optimizer.lr", lr, "must be a finite number > 0")
         wd = cfg.optimizer.get("weight_decay", 0.0)
         _check(_number(wd) and wd >= 0, "optimizer.weight_decay", wd, "must be a finite number >= 0")
+        scale = cfg.optimizer.get("head_lr_scale", 1)
+        _check(_number(scale) and scale > 0, "optimizer.head_lr_scale", scale, "must be a finite number > 0")
+        if scale != 1 and not (cfg.get("model") or {}).get("head_module"):
+            raise ConfigError(f"optimizer.head_lr_scale={scale} needs model.head_module (the head's module name); "
+                              "model.head_module is not set")
     if cfg.get("scheduler") and "warmup_epochs" in cfg.scheduler:
         w = cfg.scheduler.warmup_epochs
         _check(_number(w) and w >= 0, "model.recipe.warmup_epochs", w, "must be a number of epochs >= 0")
