@@ -365,6 +365,7 @@ def test_head_lr_scale_gives_the_head_its_own_learning_rate():
     plain = Classifier(model_cfg, {**sgd, "head_lr_scale": 1}, net=net).configure_optimizers()["optimizer"]
     assert len(plain.param_groups) == 1 and len(plain.param_groups[0]["params"]) == 4
 
+
 @pytest.mark.parametrize("ignore", [True, False])
 def test_a_run_starts_with_its_summary_and_without_the_known_third_party_noise(tmp_path, ignore):
     tiny = [o for o in TINY if not o.startswith("analysis.")]
