@@ -60,6 +60,7 @@ TRAIN_CASES = [
     ("optimizer.weight_decay=-1", "optimizer.weight_decay=-1"),
     ("optimizer.head_lr_scale=0", "optimizer.head_lr_scale=0: must be a finite number > 0"),
     ("optimizer.head_lr_scale=0.5 model.head_module=null", "optimizer.head_lr_scale=0.5 needs model.head_module"),
+    ("optimizer.head_lr_scale=0.5 model.head_module=fc", "model.head_module='fc' (for optimizer.head_lr_scale=0.5)"),
     ("data.batch_size=0", "data.batch_size=0"),
     ("data.batch_size=1.5", "data.batch_size=1.5"),
     ("data.num_workers=-1", "data.num_workers=-1"),

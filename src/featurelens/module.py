@@ -15,7 +15,8 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from featurelens.errors import DivergedError, NonFiniteLossError
+from featurelens.analysis.hooks import find_head
+from featurelens.errors import ConfigError, DivergedError, NonFiniteLossError
 
 
 class Classifier(pl.LightningModule):
@@ -148,7 +149,12 @@ class Classifier(pl.LightningModule):
         """One group, or two when the head (``model_cfg.head_module``) learns at ``head_lr_scale`` × ``lr``."""
         if head_lr_scale == 1:
             return [{"params": list(self.net.parameters())}]
-        in_head = {id(p) for p in self.net.get_submodule(self.hparams.model_cfg["head_module"]).parameters()}
+        name = self.hparams.model_cfg["head_module"]
+        try:
+            in_head = {id(p) for p in find_head(self.net, head_module=name)[1].parameters()}
+        except ValueError as err:
+            raise ConfigError(f"model.head_module={name!r} (for optimizer.head_lr_scale={head_lr_scale}): "
+                              f"{err}") from None
         return [{"params": [p for p in self.net.parameters() if id(p) not in in_head]},
                 {"params": [p for p in self.net.parameters() if id(p) in in_head], "lr": lr * head_lr_scale}]
 
