@@ -12,6 +12,7 @@ as a 1-D tensor of global label numbers.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -104,6 +105,7 @@ class BrodenDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, split: str | None = None, categories: Sequence[str] | None = None,
                  image_size: int | None = None, validate: bool = False):
         self.root = Path(root)
+        self._images = str(self.root / "images")
         if not self.root.is_dir():
             raise BrodenError(f"{self.root}: Broden directory does not exist")
         self.split = split
@@ -214,13 +216,13 @@ class BrodenDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def _open_mask(self, rec: dict, rel: str) -> np.ndarray:
-        path = self.root / "images" / rel
+        path = os.path.join(self._images, rel)  # a str join: masks are many and small, pathlib's parsing shows
         try:
             with Image.open(path) as im:
                 if im.size != (rec["sw"], rec["sh"]):
                     raise BrodenError(f"{rel}: mask size {im.size[1]}x{im.size[0]} != sh x sw "
                                       f"{rec['sh']}x{rec['sw']} of index.csv image {rec['image']}")
-                arr = np.asarray(im.convert("RGB"))
+                arr = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
         except FileNotFoundError:
             raise BrodenError(f"{rel}: mask file is missing (index.csv image {rec['image']})") from None
         except BrodenError:
