@@ -24,7 +24,9 @@ Both implementations dissect the same model weights, layer and data with q = 0.0
   the activations and parsed masks pass 1 kept where they fit its budget, else a second forward pass or mask
   read; the table says which), ``denominator='lite'`` so its IoUs are Lite's, ``num_workers=--workers`` (default
   0, the project's default: decoding in the same process; on 2 cores a worker only slowed the forward pass down),
-  ``--batch-size``.
+  ``--batch-size``, and its defaults otherwise: on the CPU ``--threads`` batches side by side, one per thread
+  (each ⌈batch size / threads⌉ images), and the model on oneDNN tensors where that is bitwise exact (checked on
+  the first batch; the row's name says both).
 - Lite: a temporary copy of the checkout with the shims below; a driver (this script's Lite child) runs
   steps 1-3 of Lite's ``main.py``: ``FeatureOperator.feature_extraction`` (forward passes, every activation
   into a float64 memmap on disk), ``quantile_threshold`` (``util/vecquantile.py`` sketch, readout 994 of 1000)
@@ -46,7 +48,9 @@ each row is the run with the median total (its stages are that run's), with the 
   passes (one or two; it keeps no feature store on disk). Decoding is timed by a ``BrodenDataset`` subclass,
   in this process and in forked DataLoader workers alike (shared counters).
 - forward s: model input to the probed layer's output (``model.forward`` wrapped, a hook on the layer; CUDA
-  synchronised), summed over all forward calls; part of "features".
+  synchronised), summed over all forward calls; part of "features". Where the project runs batches side by side
+  in threads, its forward and decoding seconds (summed over the threads) are divided by the number of threads:
+  their share of the wall time, as the stage columns below count it.
 - threshold s: Lite step 2. Project: pass 1 minus its forward and the decoding done in this process (top-m
   buffers and readout).
 - tally s: Lite step 3 (its masks decoded by its prefetcher, tallies, IoU, ``tally.csv``). Project: pass 2
@@ -111,6 +115,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -180,7 +185,8 @@ def lite_preprocess(x: torch.Tensor) -> torch.Tensor:
 
 
 class ForwardClock:
-    """Seconds from the model's input to ``layer``'s output, summed per phase (``phase()`` -> 0 or 1).
+    """Seconds from the model's input to ``layer``'s output, summed per phase (``phase()`` -> 0 or 1) over every
+    forward, in whichever thread it ran.
 
     The start is taken by wrapping ``model.forward`` (Lite calls ``model.forward(x)`` directly, which skips the
     module's hooks), the end by a hook on ``layer`` that runs before any other.
@@ -188,13 +194,14 @@ class ForwardClock:
 
     def __init__(self, model: torch.nn.Module, layer: torch.nn.Module, device: str, phase=lambda: 0):
         self.seconds = [0.0, 0.0]
-        self._t0 = 0.0
+        self._start = threading.local()
+        self._lock = threading.Lock()
         self._cuda = device.startswith("cuda")
         self._phase = phase
         self._model, forward = model, model.forward
 
         def timed_forward(*args, **kwargs):
-            self._t0 = self._now()
+            self._start.t0 = self._now()
             return forward(*args, **kwargs)
 
         model.forward = timed_forward
@@ -206,7 +213,9 @@ class ForwardClock:
         return time.perf_counter()
 
     def _stop(self, _module, _args, _out) -> None:
-        self.seconds[self._phase()] += self._now() - self._t0
+        dt = self._now() - self._start.t0
+        with self._lock:
+            self.seconds[self._phase()] += dt
 
     def remove(self) -> None:
         del self._model.forward  # back to the class's method
@@ -364,16 +373,20 @@ def project_child(root: str, cfg: dict, result_path: str) -> None:
     hwm = _status_kb("VmHWM")
     clock.remove()
     passes.remove()
-    pass1 = {k: v - decoded0[k] for k, v in passes.decoded.items()}  # decoding seconds per pass
-    pass2 = {k: v - decoded0[k] - pass1[k] for k, v in ds.seconds().items()}
+    # seconds summed over the threads that run batches side by side, as seconds of the pass's wall time
+    per = 1 / res["threads"]
+    fwd = [per * s for s in clock.seconds]
+    pass1 = {k: per * (v - decoded0[k]) for k, v in passes.decoded.items()}  # decoding seconds per pass
+    pass2 = {k: per * (v - decoded0[k]) - pass1[k] for k, v in ds.seconds().items()}
     # decoding in this process is inside its pass's wall time; in DataLoader workers it runs beside it
     inside = 0 if cfg["workers"] else 1
     out = {"seconds": t1 - t0, "rss0_kb": rss0, "hwm_kb": hwm, "peak_reset": reset, "disk_bytes": 0,
            "forward_passes": res["forward_passes"], "labels_cached": res["labels_cached"],
-           "forward": sum(clock.seconds), "features": sum(clock.seconds) + pass1["images"] + pass2["images"],
-           "threshold": passes.start - t0 - clock.seconds[0] - inside * (pass1["images"] + pass1["masks"]),
+           "onednn": res["onednn"], "threads": res["threads"],
+           "forward": sum(fwd), "features": sum(fwd) + pass1["images"] + pass2["images"],
+           "threshold": passes.start - t0 - fwd[0] - inside * (pass1["images"] + pass1["masks"]),
            # the tally stage's work includes every mask decoded and parsed, in whichever pass
-           "tally": t1 - passes.start - clock.seconds[1] - inside * (pass2["images"] + pass2["masks"])
+           "tally": t1 - passes.start - fwd[1] - inside * (pass2["images"] + pass2["masks"])
            + pass1["masks"] + pass2["masks"],
            "thresholds": res["thresholds"].numpy(), "tally_arrays": _tally_arrays(res),
            "detectors": res["counts"]["detectors"], "unit_score": res["labels"]["score"].numpy(),
@@ -736,7 +749,8 @@ def main() -> None:
             return "NetDissect-Lite"
         passes = r["forward_passes"]
         masks = ", masks read in pass 1" if r["labels_cached"] else ""
-        return f"featurelens dissect ({passes} forward pass{'es' if passes > 1 else ''}{masks})"
+        how = f", {r['threads']} batches at once" + (", oneDNN layout" if r["onednn"] else "")
+        return f"featurelens dissect ({passes} forward pass{'es' if passes > 1 else ''}{masks}{how})"
 
     table = pd.DataFrame([_row(name(impl, r), n, r, runs[(impl, n)]) for (impl, n), r in results.items()])
     ds = BrodenDataset(data_dir / f"synthbroden_{args.n_images[0]}_{size}_{args.seed}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from featurelens.analysis.dissection import (
     IoUTally,
     UnitQuantiles,
     counts_from_tally,
+    default_layer,
     dissect,
     iou,
     make_quantiles,
@@ -131,18 +133,20 @@ def _cache_budget(mode: str, ds, items) -> int:
     return budget
 
 
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("mode", list(CACHE_MODES))
 @pytest.mark.parametrize("source", ["list", "broden"])
-def test_streaming_equals_brute_force(broden, source, mode):
+def test_streaming_equals_brute_force(broden, source, mode, threads):
     """Every path (pass 1 keeping the activations and the parsed labels, only the activations, the labels
     dropped once over budget, or nothing: a second forward pass) on a plain dataset and on a BrodenDataset
-    (whose passes decode only what they need) equal the brute force, reading the masks as often as said."""
+    (whose passes decode only what they need), one batch at a time or three (one image each, in threads),
+    equal the brute force, reading the masks as often as said."""
     ds, items = broden
     data = CountingBroden(ds.root) if source == "broden" else ListData(items, ds.categories, ds.label_names)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)  # 32 px -> 8x8 raw maps, masks 16x16
     res = dissect(conv, conv, data, ds.num_labels, ds.primary_category, q=0.05, batch_size=3,
-                  cache_bytes=_cache_budget(mode, ds, items))
+                  cache_bytes=_cache_budget(mode, ds, items), threads=threads)
     passes, labels_cached, extra_reads = CACHE_MODES[mode]
     assert (res["forward_passes"], res["labels_cached"]) == (passes, labels_cached)
     if source == "broden":
@@ -172,6 +176,31 @@ def test_streaming_equals_brute_force(broden, source, mode):
     assert list(tab.columns[:4]) == ["unit", "category", "label", "score"]
     assert "object-iou" in tab.columns and "color-truth" in tab.columns
     assert sorted(tab["unit"]) == [1, 2, 3, 4] and tab["score"].is_monotonic_decreasing
+
+
+def test_threads_and_the_onednn_layout_give_bitwise_the_plain_one_thread_result(broden, monkeypatch):
+    """The small CNN's last block on the CPU, its batch norms with trained-like statistics: the default (torch's
+    threads, batches side by side, oneDNN's layout) and 2 threads with 2 DataLoader workers give bitwise the
+    thresholds, tallies and top images of one batch at a time on the plain forward."""
+    ds, _ = broden
+    torch.manual_seed(0)
+    model = build_model("small_cnn", 10).eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+        bn.bias.data.uniform_(-0.5, 0.5)
+    layer = model.get_submodule(default_layer(model))
+    kw = {"q": 0.01, "batch_size": 8, "topn": 3}
+    fast = dissect(model, layer, ds, ds.num_labels, ds.primary_category, **kw)
+    workers = dissect(model, layer, ds, ds.num_labels, ds.primary_category, threads=2, num_workers=2, **kw)
+    assert fast["onednn"] and workers["onednn"]
+    monkeypatch.setattr("featurelens.analysis.dissection.measure.onednn_forward",
+                        lambda model, record, x: contextlib.nullcontext((False, record(model, x))))
+    plain = dissect(model, layer, ds, ds.num_labels, ds.primary_category, threads=1, **kw)
+    assert not plain["onednn"]
+    for res in (fast, workers):
+        assert torch.equal(res["thresholds"], plain["thresholds"])
+        assert all(torch.equal(res["tally"][k], plain["tally"][k]) for k in plain["tally"])
+        assert torch.equal(res["top_images"], plain["top_images"])
 
 
 def test_quantiles_streaming_and_per_unit_q():

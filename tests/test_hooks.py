@@ -16,7 +16,14 @@ from torch import nn
 from featurelens.analysis import chirality, dissection
 from featurelens.analysis import specialization as spec
 from featurelens.analysis.class_filters import ClassFilters
-from featurelens.analysis.hooks import eval_mode, record_outputs, recorded, run_forward
+from featurelens.analysis.hooks import (
+    eval_mode,
+    onednn_forward,
+    outputs_of,
+    record_outputs,
+    recorded,
+    run_forward,
+)
 from featurelens.models.builders import MLP, SmallCNN
 
 
@@ -161,3 +168,41 @@ def test_a_stopping_recording_ends_the_forward_once_every_module_is_recorded():
         torch.testing.assert_close(out["a"], net[0](x).sum(1))  # reduced per name
         torch.testing.assert_close(out["b"], net[2](torch.relu(net[0](x))))
     assert torch.equal(out["again"], out["b"]) and not net[2]._forward_hooks
+
+
+def test_onednn_forward_is_used_only_where_it_gives_the_plain_outputs():
+    """A conv/BN/ReLU/pool stack (BN with trained-like statistics) on oneDNN tensors records bitwise the plain
+    values (dense copies); torch's own oneDNN batch norm would not; a model with an op that has no oneDNN kernel
+    (slicing) before the recorded layer, or in float64, keeps the plain forward; every BN gets its own forward
+    back; ``record`` works from several threads at once, each getting its own outputs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(inplace=True)).eval()
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    net[1].weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(8, 3, 16, 16)
+
+    class Sliced(nn.Module):
+        def forward(self, t):
+            return net(t[:, :3])
+
+    with outputs_of({"conv": net[4]}) as record:
+        plain = record(net, x)["conv"]
+        assert not torch.equal(record(net, x.to_mkldnn())["conv"], plain)  # torch's oneDNN batch norm
+        with onednn_forward(net, record, x) as (exact, outputs):
+            assert exact and "forward" in vars(net[1]) and torch.equal(outputs["conv"], plain)
+            fast = record(net, x.to_mkldnn())["conv"]
+            with ThreadPoolExecutor(4) as pool:
+                outs = list(pool.map(lambda i: record(net, x[i:i + 1].to_mkldnn())["conv"], range(8)))
+        assert "forward" not in vars(net[1])
+        assert not fast.is_mkldnn and torch.equal(fast, plain)
+        assert (fast < 0).any()  # pre-ReLU: a copy, not the tensor the in-place ReLU rewrote
+        torch.testing.assert_close(torch.cat(outs), fast)
+        with onednn_forward(Sliced(), record, x) as (exact, outputs):
+            assert not exact and torch.equal(outputs["conv"], plain)
+    double = copy.deepcopy(net).double()
+    with outputs_of({"conv": double[4]}) as record, onednn_forward(double, record, x.double()) as (exact, _):
+        assert not exact

@@ -11,6 +11,7 @@ kept without a copy then holds post-ReLU values. Every analysis that records act
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,9 @@ def recorded(out: Any, reduce: Reduce | None = None) -> Tensor:
     """A hooked module's output (the first element of a tuple output), detached, reduced by ``reduce`` inside
     the hook, and never sharing memory with the output itself (copied only when the reduction did not)."""
     t = (out[0] if isinstance(out, tuple | list) else out).detach()
+    if t.is_mkldnn:  # oneDNN's blocked layout (:func:`onednn_forward`): read into a new dense tensor
+        t = t.to_dense()
+        return reduce(t) if reduce is not None else t
     r = reduce(t) if reduce is not None else t
     return r.clone() if _storage(r) == _storage(t) else r
 
@@ -47,6 +51,63 @@ def run_forward(model: nn.Module, x: Tensor) -> None:
 
 
 @contextlib.contextmanager
+def onednn_forward(model: nn.Module, record: Callable[[nn.Module, Tensor], dict[str, Tensor]],
+                   x: Tensor) -> Iterator[tuple[bool, dict[str, Tensor]]]:
+    """Yields ``(exact, outputs)``: ``outputs`` is ``record(model, x)`` (e.g. from :func:`outputs_of`), the
+    plain forward of the caller's first batch ``x``; ``exact`` says whether, inside the block,
+    ``record(model, y.to_mkldnn())`` is an exact, faster forward of ``model`` (float32, in eval mode, on the CPU)
+    for batches ``y`` of ``x``'s shape: it gave bitwise those outputs on ``x``.
+
+    torch runs a float32 NCHW convolution on the CPU through oneDNN, converting its input and output between
+    NCHW and oneDNN's blocked layout at every layer, and pools NCHW with scalar loops. Given a oneDNN tensor,
+    torch's own conv, ReLU, pooling and residual-add kernels keep the blocked layout from layer to layer, and
+    mostly compute the same values: oneDNN picks its algorithm per shape and layout, and some convolutions (e.g.
+    ResNet-50's 1 × 1 ones at some batch sizes) then sum in another order, hence the check at the caller's batch
+    shape. Its oneDNN batch norm rounds differently from the dense kernel's ``fma(x, α, β)`` (α = w·rsqrt(var + ε),
+    β = fma(−mean, α, b)); inside the block each eval-mode ``BatchNorm2d`` therefore computes that on oneDNN
+    tensors as a depthwise 1 × 1 convolution with weights α and bias β, which rounds the same way. Dense inputs
+    take every module's own path. A model with an op that has no oneDNN kernel fails the check."""
+    cpu32 = (torch.backends.mkldnn.is_available() and x.device.type == "cpu" and x.dtype == torch.float32
+             and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()))
+    bns = [m for m in model.modules() if cpu32 and isinstance(m, nn.BatchNorm2d) and not m.training
+           and m.running_mean is not None]
+    plain = record(model, x)
+    try:
+        for bn in bns:
+            bn.forward = _onednn_batch_norm(bn)
+        fast: dict[str, Tensor] = {}
+        if cpu32:
+            try:
+                fast = record(model, x.to_mkldnn())
+            except Exception:  # noqa: BLE001 -- the plain forward just ran: an op without a oneDNN kernel
+                fast = {}
+        yield bool(fast) and plain.keys() == fast.keys() and all(torch.equal(plain[k], fast[k]) for k in plain), plain
+    finally:
+        for bn in bns:
+            del bn.forward  # back to the class's
+
+
+def _onednn_batch_norm(bn: nn.BatchNorm2d) -> Callable[[Tensor], Tensor]:
+    """``bn``'s eval-mode forward, on oneDNN tensors rounded as the dense kernel rounds (:func:`onednn_forward`)."""
+    with torch.no_grad():
+        alpha = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            alpha = alpha * bn.weight
+        beta = torch.zeros_like(alpha) if bn.bias is None else bn.bias.detach()
+        beta = torch.addcmul(beta, bn.running_mean, alpha, value=-1)  # fma(-mean, alpha, bias)
+        c = alpha.numel()
+        weight = torch._C._nn.mkldnn_reorder_conv2d_weight(alpha.view(c, 1, 1, 1).to_mkldnn(), [0, 0], [1, 1],
+                                                          [1, 1], c)
+
+    def forward(x: Tensor) -> Tensor:
+        if not x.is_mkldnn:
+            return type(bn).forward(bn, x)
+        return torch.mkldnn_convolution(x, weight, beta, [0, 0], [1, 1], [1, 1], c)
+
+    return forward
+
+
+@contextlib.contextmanager
 def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable[..., Any]]], pre: bool = False) -> Iterator[None]:
     """Register each ``(module, hook)`` as a forward hook (``pre``: a forward pre-hook) for the block; they are
     removed on exit, also on error. A hook that raises :class:`StopForward` ends the forward early (call the
@@ -59,6 +120,23 @@ def forward_hooks(hooks: Iterable[tuple[nn.Module, Callable[..., Any]]], pre: bo
             h.remove()
 
 
+def _recording(modules: Mapping[str, nn.Module], reduce: Reduce | Mapping[str, Reduce] | None, stop: bool,
+               sink: Callable[[], dict[str, Tensor]]) -> contextlib.AbstractContextManager[None]:
+    """The hooks of :func:`record_outputs` / :func:`outputs_of`: each writes its :func:`recorded` output into the
+    dict ``sink()`` returns."""
+    def make_hook(name: str):
+        fn = reduce.get(name) if isinstance(reduce, Mapping) else reduce
+
+        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+            outputs = sink()
+            outputs[name] = recorded(out, fn)
+            if stop and len(outputs) == len(modules):
+                raise StopForward
+        return hook
+
+    return forward_hooks((m, make_hook(n)) for n, m in modules.items())
+
+
 @contextlib.contextmanager
 def record_outputs(modules: Mapping[str, nn.Module], reduce: Reduce | Mapping[str, Reduce] | None = None,
                    stop: bool = False) -> Iterator[dict[str, Tensor]]:
@@ -68,18 +146,28 @@ def record_outputs(modules: Mapping[str, nn.Module], reduce: Reduce | Mapping[st
     call the model with :func:`run_forward` and clear the dict between passes). The hooks are removed on exit,
     also on error."""
     outputs: dict[str, Tensor] = {}
-
-    def make_hook(name: str):
-        fn = reduce.get(name) if isinstance(reduce, Mapping) else reduce
-
-        def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
-            outputs[name] = recorded(out, fn)
-            if stop and len(outputs) == len(modules):
-                raise StopForward
-        return hook
-
-    with forward_hooks((m, make_hook(n)) for n, m in modules.items()):
+    with _recording(modules, reduce, stop, lambda: outputs):
         yield outputs
+
+
+@contextlib.contextmanager
+def outputs_of(modules: Mapping[str, nn.Module],
+               reduce: Reduce | Mapping[str, Reduce] | None = None) -> Iterator[Callable[[nn.Module, Tensor],
+                                                                                        dict[str, Tensor]]]:
+    """:func:`record_outputs` with ``stop=True`` for forward passes run from several threads at once: yields
+    ``record(model, x)``, which runs the forward (without gradients) and returns its own dict of the recorded
+    outputs (each thread records into its own)."""
+    local = threading.local()
+
+    def record(model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+        local.outputs = {}
+        with torch.no_grad():  # grad mode is per thread
+            run_forward(model, x)
+        out, local.outputs = local.outputs, None
+        return out
+
+    with _recording(modules, reduce, True, lambda: local.outputs):
+        yield record
 
 
 @contextlib.contextmanager

@@ -11,7 +11,8 @@ Implements /work/shared/spec/dissection.md §2 with plain torch (+ torchmetrics 
 - :func:`iou`, :func:`unit_labels`, :func:`unique_detectors` (methods A and B), :func:`tally_table`,
   :func:`counts_from_tally` (the counts from a tally CSV alone) (§2.5-§2.6).
 - :func:`dissect_layers` / :func:`dissect` — both passes with forward hooks on the layers, all layers in the same
-  passes (eval, no_grad, sharded across ranks; one forward pass while the activations fit a budget);
+  passes (eval, no_grad, sharded across ranks; one forward pass while the activations fit a budget; on the CPU
+  several batches at once, one per thread, and oneDNN's layout where it is exact);
   :func:`unit_masks` — one unit's M_k on a few images; :func:`default_layer`, :func:`resolve_layer`.
 - :func:`random_rotation` — Q^alpha for the random-rotation baseline; :func:`random_init_copy` — the
   random-init baseline (§2.7).
@@ -23,8 +24,12 @@ image-level categories (scene, texture) 1-D tensors of global label numbers. Lab
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
-from featurelens.analysis.hooks import eval_mode, record_outputs, run_forward
+from featurelens.analysis.hooks import eval_mode, onednn_forward, outputs_of, record_outputs, run_forward
 
 __all__ = [
     "EPS", "QUANTILE_METHODS", "ImageLabels", "IoUTally", "TopImages", "UnitQuantiles", "counts_from_tally",
@@ -654,6 +659,35 @@ def _as_maps(a: torch.Tensor) -> torch.Tensor:
     return a[:, :, None, None] if a.ndim == 2 else a
 
 
+def _in_order(fn: Callable[[Any], Any], items: Iterable[Any], threads: int) -> Iterator[Any]:
+    """``map(fn, items)``, computed by ``threads`` threads at once (at most 2·threads calls ahead of the
+    consumer); the results come in order. One thread: the plain map, in the calling thread."""
+    if threads == 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+@contextlib.contextmanager
+def _one_thread_per_batch(threads: int) -> Iterator[None]:
+    """With several batches at once, each op runs on the thread of its batch (torch's intra-op threads: 1; the
+    previous count is restored on exit)."""
+    intra = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(intra)
+
+
 def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module], data, num_labels: int,
                    primary_category, q: float | Sequence[float] = 0.005, denominator: str = "paper",
                    device: str | torch.device = "cpu", rotations: Mapping[str, torch.Tensor] | None = None,
@@ -661,7 +695,8 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
                    tau: float = 0.04, categories: Sequence[str] | None = None,
                    label_names: Sequence[str] | None = None, quantile_method: str = "exact_topk",
                    max_bytes: int = 2 * 1024**3, preprocess=None, shard: tuple[int, int] = (0, 1), topn: int = 0,
-                   num_workers: int = 0, progress: bool = False, cache_bytes: int = 1024**3) -> dict[str, dict]:
+                   num_workers: int = 0, progress: bool = False, cache_bytes: int = 1024**3,
+                   threads: int | None = None) -> dict[str, dict]:
     """Run both streaming passes (§2.2 thresholds, §2.5 tallies) on the outputs of ``layers`` ({name: module}).
 
     All layers are hooked at once, so the model runs once or twice in all, whatever the number of layers, and
@@ -685,13 +720,25 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
         num_workers: DataLoader workers decoding images and masks (and parsing the labels) beside the model.
         cache_bytes: the memory pass 1 may keep for pass 2: activations, then parsed labels (0: nothing, two
             forward passes and pass 2 decodes the masks).
+        threads: batches processed at once, each by one thread from its decoding (without ``num_workers``) to
+            its tallies, with torch's intra-op threads set to 1 for the call (default: torch's thread count on
+            the CPU, 1 on other devices); each thread's batch is ⌈batch_size / threads⌉ images, so about
+            ``batch_size`` images are in the model at once. On a CPU that keeps every core busy where one batch's
+            ops, split across the cores, do not (decoding, parsing and most of the tally run on one core). The
+            thresholds and tallies are the same for any number (the Metrics are updated in order; the tallies
+            are integer sums).
+
+    On the CPU the model runs on oneDNN tensors (:func:`~featurelens.analysis.hooks.onednn_forward`) when that
+    gives bitwise the plain forward's outputs on the shard's first batch, for every batch of that shape (a
+    shorter last batch runs the plain forward; ``onednn`` in the result).
 
     Returns {layer name: dict}: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1)
     float64, ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None
     if no names), ``frac_active`` (mean |M|/(N·sh·sw) over units, after upsampling), ``frac_active_raw`` (mean
     share of raw values above T_k: ≈ q by construction, lower where ties at T_k, e.g. ReLU zeros, fill the top
     quantile), ``quantile_method`` (the method used), ``top_images`` ((topn, U) dataset indices or None),
-    ``forward_passes`` (1 or 2), ``labels_cached`` (whether pass 2 used the labels pass 1 parsed).
+    ``forward_passes`` (1 or 2), ``labels_cached`` (whether pass 2 used the labels pass 1 parsed), ``onednn``
+    (whether the model ran on oneDNN tensors), ``threads`` (batches at once).
     """
     if not layers:
         raise ValueError("no layer to dissect")
@@ -700,24 +747,41 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     n_images = len(data)
     device = torch.device(device)
     rots = {name: torch.as_tensor(r, dtype=torch.float32, device=device) for name, r in (rotations or {}).items()}
+    if threads is None:
+        threads = torch.get_num_threads() if device.type == "cpu" else 1
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
 
     def rotated(rot: torch.Tensor | None):
         return _as_maps if rot is None else (lambda a: torch.einsum("ij,bjhw->bihw", rot, _as_maps(a)))
 
-    def forward(x) -> dict[str, torch.Tensor]:
+    def model_input(x: torch.Tensor) -> torch.Tensor:
         x = x.to(device)
-        captured.clear()
-        run_forward(model, preprocess(x) if preprocess is not None else x)
-        return dict(captured)
+        return preprocess(x) if preprocess is not None else x
 
-    def batches(desc: str, read: str):
-        loader = torch.utils.data.DataLoader(_Shard(data, *shard, read=read), batch_size=batch_size,
-                                             shuffle=False, collate_fn=_collate_indexed, num_workers=num_workers)
+    def forward(i: int, x) -> dict[str, torch.Tensor]:
+        """Batch ``i``'s recorded outputs: on oneDNN tensors where that was checked exact for its shape."""
+        if i == 0:
+            return dict(first)
+        x = model_input(x)
+        return record(model, x.to_mkldnn() if onednn and len(x) == chunk else x)
+
+    def batches(desc: str, read: str, fn):
+        """``fn(batch number, x, labels, idx)`` over this shard's batches, in order, ``threads`` at once."""
+        part = _Shard(data, *shard, read=read)
+        if num_workers:  # decoded in the DataLoader's worker processes
+            items = list(enumerate(torch.utils.data.DataLoader(
+                part, batch_size=chunk, shuffle=False, collate_fn=_collate_indexed, num_workers=num_workers)))
+            out = _in_order(lambda item: fn(item[0], *item[1]), items, threads)
+        else:  # decoded by the thread that runs the batch
+            items = list(enumerate(range(start, min(start + chunk, len(part))) for start in range(0, len(part), chunk)))
+            out = _in_order(lambda item: fn(item[0], *_collate_indexed([part[j] for j in item[1]])), items,
+                            threads)
         if not progress:
-            return loader
+            return out
         from tqdm.auto import tqdm
 
-        return tqdm(loader, desc=desc, leave=False)
+        return tqdm(out, total=len(items), desc=desc, leave=False)
 
     K = len(categories) if categories is not None else None
     quant: dict[str, UnitQuantiles] = {}
@@ -725,55 +789,72 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     top: dict[str, TopImages] = {}
     reduce = {name: rotated(rots.get(name)) for name in layers}
     n_shard = len(range(shard[0], n_images, shard[1]))
+    if not n_shard:
+        raise ValueError("empty dataset")
     # What pass 1 keeps for pass 2 within cache_bytes: the activations first (then pass 2 runs no forward pass),
     # then the parsed labels (then pass 1 decodes the masks beside the forward pass and pass 2 reads no file),
     # the latter only if the first image's labels, times the images, fit the budget on their own.
     cache: list[dict[str, torch.Tensor]] | None = []
     label_cache: list[list[ImageLabels]] | None = None
-    if n_shard and cache_bytes:
+    if cache_bytes:
         first = _Shard(data, *shard, read="labels")[0][1]
         label_cache = [] if first.nbytes * n_shard <= cache_bytes else None
     kept = 0  # bytes of cached labels
-    with torch.no_grad(), eval_mode(model), record_outputs(layers, reduce, stop=True) as captured:
-        for x, labels, idx in batches("dissection pass 1/2", _read(True, label_cache is not None)):
-            acts = forward(x)
-            acts_bytes = sum(a[0].numel() * 4 for a in acts.values()) * n_shard  # all of them, kept
-            if cache is not None:
-                if acts_bytes <= cache_bytes:
-                    cache.append(acts)
-                else:
-                    cache = None
-            if label_cache is not None:
-                kept += sum(lab.nbytes for lab in labels)
-                if (0 if cache is None else acts_bytes) + kept <= cache_bytes:
-                    label_cache.append(labels)
-                else:
-                    label_cache = None
-            for name, a in acts.items():
-                if name not in quant:
-                    q_metric, method[name] = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
-                                                            quantile_method, max_bytes)
-                    quant[name] = q_metric.to(device)
-                    if topn:
-                        top[name] = TopImages(a.shape[1], topn).to(device)
-                quant[name].update(a)
-                if name in top:
-                    top[name].update(a, idx)
-        if not quant:
-            raise ValueError("empty dataset")
-        T = {name: m.compute() for name, m in quant.items()}
-        tally = {name: IoUTally(T[name].numel(), num_labels, primary_category, num_categories=K).to(device)
-                 for name in layers}
-        if cache is not None and label_cache is not None:
-            second = zip(cache, label_cache, strict=True)
-        else:
-            read = _read(cache is None, label_cache is None)  # what pass 1 did not keep
-            second = ((forward(x) if cache is None else cache[i], labels if label_cache is None else label_cache[i])
-                      for i, (x, labels, _) in enumerate(batches("dissection pass 2/2", read)))
-        for acts, labels in second:
-            for name, a in acts.items():
-                tally[name].update(a, labels, T[name])
-        tallies = {name: {k: v.cpu() for k, v in m.compute().items()} for name, m in tally.items()}
+    chunk = -(-batch_size // threads)  # images per thread and forward pass
+    probe = _Shard(data, *shard, read="images")  # the first batch, the plain forward's and oneDNN's check
+    probe = torch.stack([probe[j][0] for j in range(min(chunk, n_shard))])
+    with torch.no_grad(), eval_mode(model), outputs_of(layers, reduce) as record:
+        with onednn_forward(model, record, model_input(probe)) as (onednn, first), _one_thread_per_batch(threads):
+            pass1 = batches("dissection pass 1/2", _read(True, label_cache is not None),
+                            lambda i, x, labels, idx: (forward(i, x), labels, idx))
+            for acts, labels, idx in pass1:  # the Metrics are updated here, in order
+                acts_bytes = sum(a[0].numel() * 4 for a in acts.values()) * n_shard  # all of them, kept
+                if cache is not None:
+                    if acts_bytes <= cache_bytes:
+                        cache.append(acts)
+                    else:
+                        cache = None
+                if label_cache is not None:
+                    kept += sum(lab.nbytes for lab in labels)
+                    if (0 if cache is None else acts_bytes) + kept <= cache_bytes:
+                        label_cache.append(labels)
+                    else:
+                        label_cache = None
+                for name, a in acts.items():
+                    if name not in quant:
+                        q_metric, method[name] = make_quantiles(a.shape[1], n_images * a.shape[2] * a.shape[3], q,
+                                                                quantile_method, max_bytes)
+                        quant[name] = q_metric.to(device)
+                        if topn:
+                            top[name] = TopImages(a.shape[1], topn).to(device)
+                    quant[name].update(a)
+                    if name in top:
+                        top[name].update(a, idx)
+            T = {name: m.compute() for name, m in quant.items()}
+            # pass 2: each thread sums into its own tallies (integer sums: the order does not matter), merged after
+            parts: list[dict[str, IoUTally]] = []
+            local = threading.local()
+
+            def count(i: int, x, labels, _idx) -> None:
+                if not hasattr(local, "tally"):
+                    local.tally = {name: IoUTally(T[name].numel(), num_labels, primary_category,
+                                                  num_categories=K).to(device) for name in layers}
+                    parts.append(local.tally)
+                acts = forward(i, x) if cache is None else cache[i]
+                for name, a in acts.items():
+                    local.tally[name].update(a, labels if label_cache is None else label_cache[i], T[name])
+
+            if cache is not None and label_cache is not None:
+                second = _in_order(lambda i: count(i, None, None, None), range(len(cache)), threads)
+            else:
+                second = batches("dissection pass 2/2", _read(cache is None, label_cache is None), count)
+            for _ in second:
+                pass
+            tally = parts[0]
+            for other in parts[1:]:
+                for name, m in tally.items():
+                    m.merge_state(other[name])
+            tallies = {name: {k: v.cpu() for k, v in m.compute().items()} for name, m in tally.items()}
     results = {}
     for name, t in tallies.items():
         I = iou(t, primary_category, denominator)
@@ -784,7 +865,8 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
                "frac_active": float(t["act_total"].double().mean() / max(int(t["pixels"]), 1)),
                "frac_active_raw": float(t["raw_active"].double().mean() / max(int(t["raw_values"]), 1)),
                "top_images": top[name].compute().cpu() if name in top else None, "table": None,
-               "forward_passes": 2 if cache is None else 1, "labels_cached": label_cache is not None}
+               "forward_passes": 2 if cache is None else 1, "labels_cached": label_cache is not None,
+               "onednn": onednn, "threads": threads}
         if categories is not None and label_names is not None:
             res["table"] = tally_table(t, I, primary_category, label_names, categories, denominator)
         results[name] = res

@@ -80,6 +80,7 @@ class DissectionConfig:
     upsample: str = "bilinear"
     batch_size: int = 64  # memory knob: pass 2 holds only the active pixels of M (about q of B*U*sh*sw)
     num_workers: int = 0  # DataLoader workers decoding Broden images and masks
+    threads: int | None = None  # CPU: batches at once, one per thread (None: torch's thread count; 1: one)
     cache_bytes: int = 1024**3  # pass 1 keeps activations, then parsed masks, up to this: one forward pass, one read
     topn_images: int = 10  # top-activating images per unit (strips in topimages/)
     top_units: int = 8  # units (by score) that get a strip, at figure epochs
@@ -103,6 +104,9 @@ class DissectionConfig:
             problems.append(f"quantile.method={self.quantile.method!r} (valid: {list(nd.QUANTILE_METHODS)})")
         if not 0 < float(self.quantile.q) < 1:
             problems.append(f"quantile.q={self.quantile.q} (need 0 < q < 1)")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            problems.append(f"threads={self.threads!r} (need an integer >= 1, or null: torch's thread count)")
         if not 0 <= self.iou_threshold < 1:
             problems.append(f"iou_threshold={self.iou_threshold} (need 0 <= tau < 1)")
         bad_cats = [c for c in self.categories if c not in DEFAULT_CATEGORIES]
@@ -226,7 +230,8 @@ class Dissection(Analysis):
                                  q=c.quantile.q, denominator=c.denominator, device=device, batch_size=c.batch_size,
                                  tau=c.iou_threshold, quantile_method=c.quantile.method,
                                  max_bytes=int(c.quantile.max_bytes), preprocess=model_input(data, device),
-                                 shard=shard, num_workers=c.num_workers, progress=len(concepts) >= 2000,
+                                 shard=shard, num_workers=c.num_workers, threads=c.threads,
+                                 progress=len(concepts) >= 2000,
                                  cache_bytes=c.cache_bytes, **kwargs)
 
     # ------------------------------------------------------------------ the method

@@ -36,9 +36,9 @@ def report(result, out_dir: Path, config, *, history: list[dict]) -> Report:
         counts = res["counts_json"]
         shown = result.layer_names.get(layer, layer)
         (out / "counts.json").write_text(json.dumps({"epoch": result.epoch, "layer_name": shown, **counts}, indent=1))
-        log.info("dissection %s, epoch %d: %s (method A; method B: %d unique; %d forward pass%s)", layer,
+        log.info("dissection %s, epoch %d: %s (method A; method B: %d unique; %d forward pass%s%s)", layer,
                  result.epoch, counts["header"], counts["unique_B"], res["forward_passes"],
-                 "" if res["forward_passes"] == 1 else "es")
+                 "" if res["forward_passes"] == 1 else "es", ", oneDNN layout" if res["onednn"] else "")
         split = res["table"].to_dict("split")
         rep.tables[f"{layer}/tally"] = (split["columns"], split["data"])
         rep.figures[f"{layer}/detectors_per_label"] = _label_bars(res, result.label_names, config.categories, out,
