@@ -25,6 +25,7 @@ from featurelens.analysis.dissection import (
     unit_labels,
     unit_masks,
 )
+from featurelens.analysis.hooks import onednn_forward
 from featurelens.data.broden import BrodenDataset
 from featurelens.data.synthbroden import write_synthbroden
 from featurelens.models import build_model
@@ -181,7 +182,8 @@ def test_streaming_equals_brute_force(broden, source, mode, threads):
 def test_threads_and_the_onednn_layout_give_bitwise_the_plain_one_thread_result(broden, monkeypatch):
     """The small CNN's last block on the CPU, its batch norms with trained-like statistics: the default (torch's
     threads, batches side by side, oneDNN's layout) and 2 threads with 2 DataLoader workers give bitwise the
-    thresholds, tallies and top images of one batch at a time on the plain forward."""
+    thresholds, tallies and top images of one batch at a time on the plain forward; with threads, oneDNN's check
+    runs as the batches do (one intra-op thread, the two forwards at once)."""
     ds, _ = broden
     torch.manual_seed(0)
     model = build_model("small_cnn", 10).eval()
@@ -191,10 +193,17 @@ def test_threads_and_the_onednn_layout_give_bitwise_the_plain_one_thread_result(
     layer = model.get_submodule(default_layer(model))
     kw = {"q": 0.01, "batch_size": 8, "topn": 3}
     fast = dissect(model, layer, ds, ds.num_labels, ds.primary_category, **kw)
+    checked = []  # (intra-op threads, concurrent) of the oneDNN check: as the batches run
+
+    def spy(model, record, x, concurrent=False):
+        checked.append((torch.get_num_threads(), concurrent))
+        return onednn_forward(model, record, x, concurrent)
+
+    monkeypatch.setattr("featurelens.analysis.dissection.measure.onednn_forward", spy)
     workers = dissect(model, layer, ds, ds.num_labels, ds.primary_category, threads=2, num_workers=2, **kw)
-    assert fast["onednn"] and workers["onednn"]
+    assert fast["onednn"] and workers["onednn"] and checked == [(1, True)]
     monkeypatch.setattr("featurelens.analysis.dissection.measure.onednn_forward",
-                        lambda model, record, x: contextlib.nullcontext((False, record(model, x))))
+                        lambda model, record, x, concurrent=False: contextlib.nullcontext((False, record(model, x))))
     plain = dissect(model, layer, ds, ds.num_labels, ds.primary_category, threads=1, **kw)
     assert not plain["onednn"]
     for res in (fast, workers):

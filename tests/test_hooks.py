@@ -201,6 +201,10 @@ def test_onednn_forward_is_used_only_where_it_gives_the_plain_outputs():
         assert not fast.is_mkldnn and torch.equal(fast, plain)
         assert (fast < 0).any()  # pre-ReLU: a copy, not the tensor the in-place ReLU rewrote
         torch.testing.assert_close(torch.cat(outs), fast)
+        with onednn_forward(net, record, x, concurrent=True) as (exact, outputs):  # both forwards at once
+            assert exact and torch.equal(outputs["conv"], plain)
+        with onednn_forward(Sliced(), record, x, concurrent=True) as (exact, outputs):
+            assert not exact and torch.equal(outputs["conv"], plain)
         with onednn_forward(Sliced(), record, x) as (exact, outputs):
             assert not exact and torch.equal(outputs["conv"], plain)
     double = copy.deepcopy(net).double()

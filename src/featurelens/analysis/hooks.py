@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ def run_forward(model: nn.Module, x: Tensor) -> None:
 
 @contextlib.contextmanager
 def onednn_forward(model: nn.Module, record: Callable[[nn.Module, Tensor], dict[str, Tensor]],
-                   x: Tensor) -> Iterator[tuple[bool, dict[str, Tensor]]]:
+                   x: Tensor, concurrent: bool = False) -> Iterator[tuple[bool, dict[str, Tensor]]]:
     """Yields ``(exact, outputs)``: ``outputs`` is ``record(model, x)`` (e.g. from :func:`outputs_of`), the
     plain forward of the caller's first batch ``x``; ``exact`` says whether, inside the block,
     ``record(model, y.to_mkldnn())`` is an exact, faster forward of ``model`` (float32, in eval mode, on the CPU)
@@ -66,21 +67,34 @@ def onednn_forward(model: nn.Module, record: Callable[[nn.Module, Tensor], dict[
     shape. Its oneDNN batch norm rounds differently from the dense kernel's ``fma(x, α, β)`` (α = w·rsqrt(var + ε),
     β = fma(−mean, α, b)); inside the block each eval-mode ``BatchNorm2d`` therefore computes that on oneDNN
     tensors as a depthwise 1 × 1 convolution with weights α and bias β, which rounds the same way. Dense inputs
-    take every module's own path. A model with an op that has no oneDNN kernel fails the check."""
+    take every module's own path. A model with an op that has no oneDNN kernel fails the check.
+
+    oneDNN may also pick its algorithm by the number of threads, so call this at the intra-op thread count the
+    batches will run at. ``concurrent``: run the two forwards of the check in two threads at once (``record``
+    must then be thread-safe, as :func:`outputs_of`'s is)."""
     cpu32 = (torch.backends.mkldnn.is_available() and x.device.type == "cpu" and x.dtype == torch.float32
              and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()))
     bns = [m for m in model.modules() if cpu32 and isinstance(m, nn.BatchNorm2d) and not m.training
            and m.running_mean is not None]
-    plain = record(model, x)
+    def onednn_outputs() -> dict[str, Tensor]:
+        if not cpu32:
+            return {}
+        try:
+            return record(model, x.to_mkldnn())
+        except Exception:  # noqa: BLE001 -- the plain forward raises the model's own errors: an op without a
+            return {}  # oneDNN kernel
+
     try:
-        for bn in bns:
+        for bn in bns:  # dense inputs (the plain forward) take the class's forward
             bn.forward = _onednn_batch_norm(bn)
-        fast: dict[str, Tensor] = {}
-        if cpu32:
-            try:
-                fast = record(model, x.to_mkldnn())
-            except Exception:  # noqa: BLE001 -- the plain forward just ran: an op without a oneDNN kernel
-                fast = {}
+        if concurrent:
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(onednn_outputs)
+                plain = record(model, x)
+                fast = pending.result()
+        else:
+            plain = record(model, x)
+            fast = onednn_outputs()
         yield bool(fast) and plain.keys() == fast.keys() and all(torch.equal(plain[k], fast[k]) for k in plain), plain
     finally:
         for bn in bns:

@@ -729,8 +729,9 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
             are integer sums).
 
     On the CPU the model runs on oneDNN tensors (:func:`~featurelens.analysis.hooks.onednn_forward`) when that
-    gives bitwise the plain forward's outputs on the shard's first batch, for every batch of that shape (a
-    shorter last batch runs the plain forward; ``onednn`` in the result).
+    gives bitwise the plain forward's outputs on the shard's first batch, checked with one intra-op thread where
+    the batches run so, for every batch of that shape (a shorter last batch runs the plain forward; ``onednn``
+    in the result).
 
     Returns {layer name: dict}: ``thresholds`` (U,) float64, ``tally`` (dict of int64 tensors), ``iou`` (U, C+1)
     float64, ``labels`` (:func:`unit_labels`), ``counts`` (:func:`unique_detectors`), ``table`` (DataFrame or None
@@ -804,7 +805,8 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     probe = _Shard(data, *shard, read="images")  # the first batch, the plain forward's and oneDNN's check
     probe = torch.stack([probe[j][0] for j in range(min(chunk, n_shard))])
     with torch.no_grad(), eval_mode(model), outputs_of(layers, reduce) as record:
-        with onednn_forward(model, record, model_input(probe)) as (onednn, first), _one_thread_per_batch(threads):
+        with _one_thread_per_batch(threads), onednn_forward(model, record, model_input(probe),
+                                                             concurrent=threads > 1) as (onednn, first):
             pass1 = batches("dissection pass 1/2", _read(True, label_cache is not None),
                             lambda i, x, labels, idx: (forward(i, x), labels, idx))
             for acts, labels, idx in pass1:  # the Metrics are updated here, in order
