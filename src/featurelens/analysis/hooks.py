@@ -76,6 +76,7 @@ def onednn_forward(model: nn.Module, record: Callable[[nn.Module, Tensor], dict[
              and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in model.parameters()))
     bns = [m for m in model.modules() if cpu32 and isinstance(m, nn.BatchNorm2d) and not m.training
            and m.running_mean is not None]
+
     def onednn_outputs() -> dict[str, Tensor]:
         if not cpu32:
             return {}
