@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from featurelens.analysis.dissection import (
     IoUTally,
+    TopImages,
     UnitQuantiles,
     counts_from_tally,
     default_layer,
@@ -210,6 +211,32 @@ def test_threads_and_the_onednn_layout_give_bitwise_the_plain_one_thread_result(
         assert torch.equal(res["thresholds"], plain["thresholds"])
         assert all(torch.equal(res["tally"][k], plain["tally"][k]) for k in plain["tally"])
         assert torch.equal(res["top_images"], plain["top_images"])
+
+
+def test_dataloader_workers_are_read_as_the_batches_are_taken(broden, monkeypatch):
+    """With DataLoader workers the batches are read as the threads take them (at most 2 per thread ahead of the
+    in-order updates), not all at once: memory stays independent of the number of images."""
+    ds, _ = broden
+    yielded, lead = [0], []
+
+    class CountingLoader(torch.utils.data.DataLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                yielded[0] += 1
+                yield batch
+
+    update = TopImages.update
+
+    def counting_update(self, acts, index):  # pass 1's in-order update in the calling thread, once a batch
+        lead.append(yielded[0] - len(lead) - 1)
+        return update(self, acts, index)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", CountingLoader)
+    monkeypatch.setattr(TopImages, "update", counting_update)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=4, padding=1)
+    dissect(conv, conv, ds, ds.num_labels, ds.primary_category, q=0.05, batch_size=4, threads=2, num_workers=1,
+            topn=2)
+    assert len(lead) == N_IMAGES // 2 and max(lead) <= 2 * 2  # batches of 2 images, 2 per thread in flight
 
 
 def test_quantiles_streaming_and_per_unit_q():

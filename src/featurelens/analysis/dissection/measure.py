@@ -770,19 +770,21 @@ def dissect_layers(model: torch.nn.Module, layers: Mapping[str, torch.nn.Module]
     def batches(desc: str, read: str, fn):
         """``fn(batch number, x, labels, idx)`` over this shard's batches, in order, ``threads`` at once."""
         part = _Shard(data, *shard, read=read)
-        if num_workers:  # decoded in the DataLoader's worker processes
-            items = list(enumerate(torch.utils.data.DataLoader(
-                part, batch_size=chunk, shuffle=False, collate_fn=_collate_indexed, num_workers=num_workers)))
-            out = _in_order(lambda item: fn(item[0], *item[1]), items, threads)
+        starts = range(0, len(part), chunk)
+        if num_workers:  # decoded in the DataLoader's worker processes, read as the threads take them
+            loader = torch.utils.data.DataLoader(part, batch_size=chunk, shuffle=False, collate_fn=_collate_indexed,
+                                                 num_workers=num_workers)
+            out = _in_order(lambda item: fn(item[0], *item[1]), enumerate(loader), threads)
         else:  # decoded by the thread that runs the batch
-            items = list(enumerate(range(start, min(start + chunk, len(part))) for start in range(0, len(part), chunk)))
-            out = _in_order(lambda item: fn(item[0], *_collate_indexed([part[j] for j in item[1]])), items,
-                            threads)
+            def load(i: int):
+                return fn(i, *_collate_indexed([part[j] for j in range(starts[i], min(starts[i] + chunk, len(part)))]))
+
+            out = _in_order(load, range(len(starts)), threads)
         if not progress:
             return out
         from tqdm.auto import tqdm
 
-        return tqdm(out, total=len(items), desc=desc, leave=False)
+        return tqdm(out, total=len(starts), desc=desc, leave=False)
 
     K = len(categories) if categories is not None else None
     quant: dict[str, UnitQuantiles] = {}
