@@ -75,6 +75,17 @@ def test_classifier_dropout_follows_model_dropout(cfg_factory, model, p):
     assert dropouts("model.dropout=0.25") == [0.25, 0.25]
 
 
+def test_vgg16_trains_with_adafactor_unless_an_optimizer_is_chosen(cfg_factory):
+    """Plain VGG-16's recipe (issue 10): Adafactor by default; optimizer=sgd and an experiment's optimizer win."""
+    def optimizer(*overrides: str) -> str:
+        return cfg_factory(*overrides, base=[]).optimizer._target_
+
+    assert optimizer("model=vgg16") == "torch.optim.Adafactor"
+    assert optimizer("model=vgg16", "optimizer=sgd") == "torch.optim.SGD"
+    assert optimizer("model=vgg16", "experiment=chirality_init") == "torch.optim.SGD"
+    assert {optimizer(f"model={m}") for m in _options("model") if m != "vgg16"} == {"torch.optim.SGD"}
+
+
 def test_dropout_on_a_resnet_is_a_config_error():
     with pytest.raises(ConfigError, match="model.dropout=0.1: resnet18 has no dropout layer"):
         build_model("resnet18", 10, dropout=0.1)

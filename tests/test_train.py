@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, TINY
+from omegaconf import OmegaConf
 
 from featurelens.errors import DiskFullError, DivergedError, NonFiniteLossError
 from featurelens.models import init_weights
@@ -366,6 +368,35 @@ def test_head_lr_scale_gives_the_head_its_own_learning_rate():
     assert len(plain.param_groups) == 1 and len(plain.param_groups[0]["params"]) == 4
 
 
+@pytest.mark.parametrize(("optimizer", "same"), [("adafactor", True), ("sgd", False)])
+def test_adafactor_moves_each_layer_by_the_same_share_whatever_the_init_s_scale(cfg_factory, optimizer, same):
+    """Why plain VGG-16 trains with Adafactor (README, Sweeps): a bias-free ReLU net is the same function when
+    one layer is scaled up by c and the next down by c; Adafactor's step on each layer is then the same share of
+    its weights, SGD's is c**2 times smaller on the scaled-up layer (xavier starves SGD like that)."""
+    from featurelens.module import Classifier
+
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(16, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 16, bias=False),
+              torch.nn.ReLU(), torch.nn.Linear(16, 10, bias=False)]
+    plain, scaled = torch.nn.Sequential(*layers), copy.deepcopy(torch.nn.Sequential(*layers))
+    with torch.no_grad():
+        scaled[0].weight.mul_(4.0)
+        scaled[2].weight.div_(4.0)
+    x, y = torch.randn(32, 16), torch.randint(0, 10, (32,))
+    assert torch.allclose(plain(x), scaled(x), atol=1e-6)
+    opt_cfg = OmegaConf.to_container(cfg_factory("model=vgg16", f"optimizer={optimizer}", base=[]).optimizer,
+                                     resolve=True)
+    shares = []
+    for net in (plain, scaled):
+        before = [m.weight.detach().clone() for m in net[::2]]
+        opt = Classifier({"num_classes": 10}, dict(opt_cfg), net=net).configure_optimizers()["optimizer"]
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        shares.append(torch.stack([(m.weight - w).norm() / w.norm() for m, w in zip(net[::2], before, strict=True)]))
+    assert torch.allclose(shares[0], shares[1], rtol=1e-4) == same
+    assert float(shares[0].min()) > 0
+
+
 @pytest.mark.parametrize("ignore", [True, False])
 def test_a_run_starts_with_its_summary_and_without_the_known_third_party_noise(tmp_path, ignore):
     tiny = [o for o in TINY if not o.startswith("analysis.")]
@@ -374,7 +405,7 @@ def test_a_run_starts_with_its_summary_and_without_the_known_third_party_noise(t
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = res.stdout + res.stderr
-    assert "config: model=small_cnn init=default data=shapes" in out and "analyses: none" in out
+    assert "config: optimizer=sgd model=small_cnn init=default data=shapes" in out and "analyses: none" in out
     assert "seed 0, 1 epochs" in out and f"outputs: {tmp_path}" in out
     # Lightning's litlogger advert and its LeafSpec deprecation warning: hidden only by the switch
     assert ("💡 Tip:" in out, "LeafSpec" in out) == ((False, False) if ignore else (True, True))
