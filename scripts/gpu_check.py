@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["logger=none", "seed=0", "trainer.max_epochs=2"]
-ANALYSES = ["model=resnet18", "data=shapes", "seed=0", "logger=none",
+ANALYSES = ["model=resnet18", "model.cifar_stem=false", "data=shapes", "seed=0", "logger=none",  # as timed above
             "analysis=[chirality,class_filters,specialization,dissection,linking]",
             "analysis.specialization.n_shuffles=2", "analysis.specialization.parts=[weights]",
             "analysis.dissection.synthbroden.n_images=200", "generator.epochs=1",

@@ -48,8 +48,9 @@ def test_local_weights_file_gives_the_same_values(trained, cfg_factory, tmp_path
 
 
 def test_random_resnet18_matches_the_init_baseline(cfg_factory):
-    cfg = cfg_factory("model=resnet18", "data=shapes", "data.n_train=64", "data.n_val=32", "data.n_test=32",
-                      "analysis.chirality.fmap.enabled=false", "logger=none", name="r18", config_name="analyze")
+    cfg = cfg_factory("model=resnet18", "model.cifar_stem=false", "data=shapes", "data.n_train=64", "data.n_val=32",
+                      "data.n_test=32", "analysis.chirality.fmap.enabled=false", "logger=none", name="r18",
+                      config_name="analyze")
     record = analyze(cfg)["chirality"]
     assert record["chirality/model"] == pytest.approx(0.5530, abs=0.01)  # chirality spec §5.3
 

@@ -78,6 +78,7 @@ TRAIN_CASES = [
     ("model.channels=[]", "model.channels=[]"),
     ("model.dropout=1.5", "model.dropout=1.5"),
     ("model.batch_norm=3", "model.batch_norm=3"),
+    ("model=resnet18 model.cifar_stem=maybe", "model.cifar_stem='maybe': must be true, false or auto"),
     ("divergence_factor=0.5", "divergence_factor=0.5"),
     ("model.recipe.warmup_epochs=-1", "model.recipe.warmup_epochs=-1"),
     ("analysis=chirality analysis.chirality.every_n_epochs=0", "analysis.chirality.every_n_epochs=0"),

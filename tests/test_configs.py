@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from featurelens.api import REGISTRY
 from featurelens.errors import ConfigError
 from featurelens.models import build_model
+from featurelens.models.builders import uses_cifar_stem
 from featurelens.runtime import validate_config
 from featurelens.train import build_net
 
@@ -57,10 +58,64 @@ def test_every_model_builds_and_runs_at_its_resolved_width(cfg_factory, model):
 
 
 def test_grey_data_adapts_the_first_conv(cfg_factory):
-    cfg = cfg_factory("model=resnet18", "data=digits", base=[])
+    cfg = cfg_factory("model=resnet18", "data=digits", "model.cifar_stem=false", base=[])
     net, _, width = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
     assert net.conv1.in_channels == 1 and net.conv1.kernel_size == (7, 7)
     assert net(torch.randn(2, 1, width, width)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("overrides", "cifar"), [
+    ((), True),                                      # 32-px shapes from scratch
+    (("data=digits",), True),                        # 8 px
+    (("model.input_size=64",), True),                # the widest the CIFAR stem is chosen for
+    (("model.input_size=65",), False),
+    (("data.image_size=96",), False),
+    (("model.cifar_stem=false",), False),
+    (("data.image_size=96", "model.cifar_stem=true"), True),
+])
+def test_cifar_stem_auto_follows_the_input_width(cfg_factory, overrides, cifar):
+    """``model.cifar_stem=auto`` (the ResNets' default): the 3×3 stride-1 stem without max-pool on inputs of at
+    most 64 px, torchvision's stem above; the checkpoint's model config holds the choice, not ``auto``."""
+    cfg = cfg_factory("model=resnet18", *overrides, base=[])
+    net, model_cfg, width = build_net(OmegaConf.to_container(cfg.model, resolve=True), cfg.data)
+    assert net.conv1.kernel_size == ((3, 3) if cifar else (7, 7))
+    assert isinstance(net.maxpool, torch.nn.Identity) == cifar
+    assert model_cfg["cifar_stem"] is cifar
+    stem = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+    with torch.no_grad():  # the CIFAR stem hands layer1 the full width, torchvision's a quarter of it
+        out = stem.eval()(torch.zeros(1, cfg.data.channels, width, width))
+    assert out.shape[-1] == (width if cifar else (width + 3) // 4)
+
+
+@pytest.mark.parametrize(("in_channels", "cifar"), [(3, False), (3, True), (1, True)])
+def test_a_local_weights_file_loads_whole_whatever_its_stem_channels_and_classes(tmp_path, in_channels, cifar):
+    """``model.weights=<file>`` with ``cifar_stem=auto``: the model takes the file's stem, first conv and head, so
+    every tensor loads; then conv1 and the head follow the data (here 3 channels and 4 classes)."""
+    trained = build_model("resnet18", 10, in_channels, cifar_stem=cifar)
+    torch.save(trained.state_dict(), tmp_path / "net.pth")
+    net = build_model("resnet18", 4, 3, image_size=224, weights=str(tmp_path / "net.pth"), cifar_stem="auto")
+    assert net.conv1.kernel_size == ((3, 3) if cifar else (7, 7)) and net.fc.out_features == 4
+    kept = {k: v for k, v in trained.state_dict().items() if not k.startswith(("fc.", "conv1."))}
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in kept.items())
+    if in_channels == 3:
+        assert torch.equal(net.conv1.weight, trained.conv1.weight)
+    else:  # the grey conv1 spread over RGB: a grey image gives the grey net's response
+        grey = torch.randn(1, 1, 8, 8)
+        torch.testing.assert_close(net.conv1(grey.repeat(1, 3, 1, 1)), trained.conv1(grey))
+    if cifar:
+        with pytest.raises(ConfigError, match="holds a ResNet with the CIFAR stem .* use model.cifar_stem=auto"):
+            build_model("resnet18", 4, weights=str(tmp_path / "net.pth"), cifar_stem=False)
+
+
+def test_weights_of_another_shape_name_the_tensor_and_both_shapes(tmp_path):
+    torch.save(build_model("small_cnn", 10, channels=[4, 8]).state_dict(), tmp_path / "net.pth")
+    with pytest.raises(ConfigError, match=r"features.0.weight is \[4, 3, 3, 3\] there and \[8, 3, 3, 3\] here"):
+        build_model("small_cnn", 10, channels=[8, 8], weights=str(tmp_path / "net.pth"))
+
+
+def test_auto_takes_the_cifar_stem_only_for_small_resnets():
+    assert uses_cifar_stem("auto", "resnet50", 64) and not uses_cifar_stem("auto", "resnet50", 65)
+    assert not uses_cifar_stem("auto", "vgg16", 32) and not uses_cifar_stem("auto", "resnet18", None)
 
 
 @pytest.mark.parametrize(("model", "p"), [("vgg16", 0.0), ("vgg11", 0.5), ("vgg16_bn", 0.5), ("alexnet", 0.5)])
@@ -184,6 +239,14 @@ EXPERIMENTS = {
 DISPLAY = {"alexnet": "AlexNet", "vgg16_bn": "VGG-16-BN", "resnet18": "ResNet-18", "resnet34": "ResNet-34",
            "resnet50": "ResNet-50", "small_cnn": "small CNN", "mlp": "MLP", "cifar10": "CIFAR-10",
            "shapes": "shapes", "digits": "digits", "mnist": "MNIST"}
+
+
+@pytest.mark.parametrize(("name", "cifar_stem"), [("chirality_init", False), ("chirality_init_smoke", False),
+                                                  ("class_filters_k_sweep", True), ("dissection_resnet", True)])
+def test_experiments_pin_the_resnet_stem_they_describe(cfg_factory, name, cifar_stem):
+    """The chirality sweeps keep torchvision's 7×7 stem (the spec's conv counts and baselines) on 32-px data,
+    where ``auto`` would take the CIFAR stem."""
+    assert cfg_factory(f"experiment={name}", base=[]).model.cifar_stem is cifar_stem
 
 
 def test_every_experiment_is_listed_here():

@@ -119,9 +119,11 @@ def _validate_model(m: DictConfig) -> None:
         _check(_positive_int(m.pool_every), "model.pool_every", m.pool_every, "must be a positive integer")
     if "dropout" in m:
         _check(_number(m.dropout) and 0 <= m.dropout < 1, "model.dropout", m.dropout, "must be a number in [0, 1)")
-    for key in ("batch_norm", "cifar_stem"):
-        if key in m:
-            _check(isinstance(m[key], bool), f"model.{key}", m[key], "must be true or false")
+    if "batch_norm" in m:
+        _check(isinstance(m.batch_norm, bool), "model.batch_norm", m.batch_norm, "must be true or false")
+    if "cifar_stem" in m:
+        _check(isinstance(m.cifar_stem, bool) or m.cifar_stem == "auto", "model.cifar_stem", m.cifar_stem,
+               "must be true, false or auto")
 
 
 def _validate_data(d: DictConfig) -> None:

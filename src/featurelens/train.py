@@ -17,6 +17,7 @@ from featurelens.analysis.chirality import compatible_width
 from featurelens.callbacks import AnalysisCallback
 from featurelens.checkpoints import AtomicCheckpointIO, check_same_model, read_checkpoint
 from featurelens.errors import ConfigError
+from featurelens.models.builders import has_cifar_stem
 from featurelens.module import Classifier
 from featurelens.report_page import write_run_report
 from featurelens.results import write_json
@@ -37,6 +38,8 @@ def build_net(model_cfg: dict[str, Any], data_cfg: DictConfig) -> tuple[torch.nn
         model_cfg["image_size"] = size
     net = build(model_cfg)
     arch = model_cfg.get("arch")
+    if "cifar_stem" in model_cfg:  # the checkpoint keeps the stem built, not "auto"
+        model_cfg["cifar_stem"] = has_cifar_stem(net.state_dict())
     if size == "auto":
         try:
             size = compatible_width(net, data_cfg.image_size, in_channels=data_cfg.channels)

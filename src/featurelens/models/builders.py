@@ -19,6 +19,7 @@ from featurelens.errors import ConfigError
 
 TORCHVISION_ARCHS = ("alexnet", "vgg11", "vgg16", "vgg16_bn", "resnet18", "resnet34", "resnet50")
 ARCHS = (*TORCHVISION_ARCHS, "mlp", "small_cnn")
+CIFAR_STEM_MAX_WIDTH = 64  # torchvision's stem takes 64 px to 16 before layer1 and 2 at layer4
 
 
 class MLP(nn.Module):
@@ -77,7 +78,8 @@ def _first_conv_name(model: nn.Module) -> str:
 def _adapt_in_channels(model: nn.Module, in_channels: int) -> None:
     """Swap the first conv for one with ``in_channels`` inputs, same kernel, stride and padding.
 
-    Pretrained RGB weights are averaged over the colour axis (grey inputs) or tiled (more channels)."""
+    Pretrained weights are averaged over their input channels and spread evenly over the new ones, so a
+    uniform input gives the same response (RGB to grey: their sum; grey to RGB: a third each)."""
     name = _first_conv_name(model)
     old: nn.Conv2d = model.get_submodule(name)
     if old.in_channels == in_channels:
@@ -86,7 +88,7 @@ def _adapt_in_channels(model: nn.Module, in_channels: int) -> None:
                     old.dilation, old.groups, old.bias is not None)
     with torch.no_grad():
         mean = old.weight.mean(dim=1, keepdim=True)
-        new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (3 / in_channels))
+        new.weight.copy_(mean.repeat(1, in_channels, 1, 1) * (old.in_channels / in_channels))
         if old.bias is not None:
             new.bias.copy_(old.bias)
     _replace_module(model, name, new)
@@ -99,6 +101,25 @@ def _cifar_stem(model: nn.Module) -> None:
     model.maxpool = nn.Identity()
 
 
+def uses_cifar_stem(cifar_stem: bool | str, arch: str, image_size: int | None,
+                    weights: dict[str, torch.Tensor] | None = None) -> bool:
+    """``model.cifar_stem``: true, false, or ``auto``: with ``weights`` (a state dict) the stem they were trained
+    with, else the CIFAR stem for a ResNet on inputs of at most ``CIFAR_STEM_MAX_WIDTH`` px (torchvision's 7×7
+    stride-2 stem and max-pool leave 9 px of a 33 px input to the first block, and the ResNets stay at chance
+    on the shapes: README, Sweeps)."""
+    if cifar_stem != "auto":
+        return bool(cifar_stem)
+    if weights is not None:
+        return has_cifar_stem(weights)
+    return arch.startswith("resnet") and image_size is not None and image_size <= CIFAR_STEM_MAX_WIDTH
+
+
+def has_cifar_stem(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a ResNet state dict has the CIFAR stem (a 3×3 ``conv1``)."""
+    conv1 = state.get("conv1.weight")
+    return conv1 is not None and conv1.ndim == 4 and conv1.shape[-1] == 3
+
+
 def _replace_head(model: nn.Module, head_module: str, num_classes: int) -> None:
     head = model.get_submodule(head_module)
     if not isinstance(head, nn.Linear):
@@ -107,8 +128,9 @@ def _replace_head(model: nn.Module, head_module: str, num_classes: int) -> None:
         _replace_module(model, head_module, nn.Linear(head.in_features, num_classes))
 
 
-def _load_weights(model: nn.Module, arch: str, weights: str) -> str:
-    """Load torchvision weights by enum name (e.g. ``IMAGENET1K_V1``, needs internet once) or a local file."""
+def _read_weights(arch: str, weights: str) -> dict[str, torch.Tensor]:
+    """The state dict of torchvision weights by enum name (e.g. ``IMAGENET1K_V1``, needs internet once) or of a
+    local file (a state dict or a Lightning checkpoint)."""
     path = Path(weights).expanduser()
     if path.suffix in {".pt", ".pth", ".ckpt", ".bin"} or path.exists():
         state = read_file(path, "model.weights")
@@ -116,33 +138,40 @@ def _load_weights(model: nn.Module, arch: str, weights: str) -> str:
             state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConfigError(f"model.weights={weights!r} holds a {type(state).__name__}, not a state dict")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected or len(missing) == len(model.state_dict()):
-            raise ConfigError(f"model.weights={weights!r} does not match {arch}: "
-                              f"{len(missing)} missing, {len(unexpected)} unexpected keys")
-        if missing:
-            warnings.warn(f"{len(missing)} parameters not in {path.name} keep their init: {missing[:4]}…",
-                          stacklevel=2)
-        return str(path)
+        return state
     valid = [w.name for w in torchvision.models.get_model_weights(arch)] if arch in TORCHVISION_ARCHS else []
     if weights not in valid:
         raise ConfigError(f"model.weights={weights!r} is neither a file nor a torchvision weight of {arch}; "
                           f"valid: {valid} or a path to a .pt/.pth file")
-    enum = torchvision.models.get_model_weights(arch)[weights]
-    model.load_state_dict(enum.get_state_dict(progress=True))
-    return enum.name
+    return torchvision.models.get_model_weights(arch)[weights].get_state_dict(progress=True)
+
+
+def _load_weights(model: nn.Module, arch: str, weights: str, state: dict[str, torch.Tensor]) -> None:
+    own = model.state_dict()
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    if unexpected or len(missing) == len(own):
+        raise ConfigError(f"model.weights={weights!r} does not match {arch}: "
+                          f"{len(missing)} missing, {len(unexpected)} unexpected keys")
+    for key, value in state.items():
+        if value.shape != own[key].shape:
+            raise ConfigError(f"model.weights={weights!r} does not match the model: {key} is "
+                              f"{list(value.shape)} there and {list(own[key].shape)} here (model.arch={arch})")
+    if missing:
+        warnings.warn(f"{len(missing)} parameters not in {weights} keep their init: {missing[:4]}…", stacklevel=3)
+    model.load_state_dict(state, strict=False)
 
 
 def build_model(arch: str, num_classes: int, in_channels: int = 3, *, image_size: int | None = None,
-                weights: str | None = None, head_module: str | None = None, cifar_stem: bool = False,
+                weights: str | None = None, head_module: str | None = None, cifar_stem: bool | str = False,
                 hidden: list[int] | None = None, channels: list[int] | None = None, pool_every: int = 2,
                 dropout: float | None = None, batch_norm: bool = True) -> nn.Module:
     """Build ``arch`` for ``num_classes`` classes and ``in_channels``-channel inputs.
 
     ``weights``: torchvision weight name or a local state-dict/checkpoint file; loaded before the head and
-    the stem are adapted, so pretrained features survive. ``dropout``: the dropout probability of the MLP, the
-    small CNN (default 0) or the classifier of AlexNet and the VGGs (default torchvision's 0.5); the ResNets
-    have none.
+    the stem are adapted, so pretrained features survive. ``cifar_stem``: see ``uses_cifar_stem``.
+    ``dropout``: the dropout probability of the MLP, the small CNN (default 0) or the classifier of AlexNet and
+    the VGGs (default torchvision's 0.5); the ResNets have none.
     """
     if arch not in ARCHS:
         raise ConfigError(f"model.arch={arch!r} is unknown; valid: {list(ARCHS)}")
@@ -155,19 +184,32 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, *, image_size
     elif arch == "small_cnn":
         model = SmallCNN(in_channels, list(channels or [32, 32, 64, 64, 128, 128]), num_classes, pool_every,
                          dropout=dropout or 0.0, batch_norm=batch_norm)
-    else:
+    else:  # built in the shape of the weights' file (stem, input channels, head) so that every tensor loads,
+        # then the stem, the first conv and the head follow the config and the data
+        head = head_module or "fc"
+        state = _read_weights(arch, weights) if weights else None
+        cifar = uses_cifar_stem(cifar_stem, arch, image_size, state)
+        if cifar and not arch.startswith("resnet"):
+            raise ConfigError(f"model.cifar_stem=true only applies to ResNets, not {arch}")
         extra = {} if dropout is None else {"dropout": dropout}
-        model = getattr(torchvision.models, arch)(weights=None, num_classes=1000 if weights else num_classes,
-                                                  **extra)
-        if weights:
-            _load_weights(model, arch, weights)
-        if cifar_stem:
-            if not arch.startswith("resnet"):
-                raise ConfigError(f"model.cifar_stem=true only applies to ResNets, not {arch}")
-            _cifar_stem(model)
+        n_out = state[f"{head}.weight"].shape[0] if state is not None and f"{head}.weight" in state else num_classes
+        model = getattr(torchvision.models, arch)(weights=None, num_classes=n_out, **extra)
+        file_cifar = state is not None and has_cifar_stem(state)
+        if state is not None:
+            if file_cifar:
+                if not cifar:
+                    raise ConfigError(f"model.weights={weights!r} holds a ResNet with the CIFAR stem (3×3 conv1); "
+                                      "use model.cifar_stem=auto or true")
+                _cifar_stem(model)
+            first = state.get(f"{_first_conv_name(model)}.weight")
+            if first is not None and first.ndim == 4:
+                _adapt_in_channels(model, first.shape[1])
+            _load_weights(model, arch, weights, state)
+        if cifar and not file_cifar:
+            _cifar_stem(model)  # pretrained 7×7 stem weights do not fit: conv1 is drawn afresh
         _adapt_in_channels(model, in_channels)
-        if weights:
-            _replace_head(model, head_module or "fc", num_classes)
+        if state is not None:
+            _replace_head(model, head, num_classes)
     if weights and arch in ("mlp", "small_cnn"):
-        _load_weights(model, arch, weights)
+        _load_weights(model, arch, weights, _read_weights(arch, weights))
     return model
