@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from featurelens.api import REGISTRY
+from featurelens.checkpoints import check_same_model
 from featurelens.errors import ConfigError
 from featurelens.models import build_model
 from featurelens.models.builders import uses_cifar_stem
@@ -111,6 +112,20 @@ def test_weights_of_another_shape_name_the_tensor_and_both_shapes(tmp_path):
     torch.save(build_model("small_cnn", 10, channels=[4, 8]).state_dict(), tmp_path / "net.pth")
     with pytest.raises(ConfigError, match=r"features.0.weight is \[4, 3, 3, 3\] there and \[8, 3, 3, 3\] here"):
         build_model("small_cnn", 10, channels=[8, 8], weights=str(tmp_path / "net.pth"))
+
+
+@pytest.mark.parametrize("trained_cifar", [False, True])
+def test_a_checkpoint_of_the_other_stem_names_the_setting_that_builds_it(trained_cifar):
+    """Resuming a ResNet checkpoint trained with the other stem (e.g. before ``cifar_stem=auto`` was the
+    default) says which ``model.cifar_stem`` rebuilds it."""
+    trained = build_model("resnet18", 10, cifar_stem=trained_cifar)
+    cfg = {"arch": "resnet18", "in_channels": 3, "num_classes": 10}
+    ckpt = {"hyper_parameters": {"model_cfg": cfg},
+            "state_dict": {f"net.{k}": v for k, v in trained.state_dict().items()}}
+    with pytest.raises(ConfigError, match=rf"conv1.weight: .*; use the model settings the checkpoint was trained with "
+                                          rf"\(model.cifar_stem={str(trained_cifar).lower()} builds"):
+        check_same_model(ckpt, build_model("resnet18", 10, cifar_stem=not trained_cifar), cfg, "ckpt_path='x'")
+    check_same_model(ckpt, build_model("resnet18", 10, cifar_stem=trained_cifar), cfg, "ckpt_path='x'")
 
 
 def test_auto_takes_the_cifar_stem_only_for_small_resnets():

@@ -67,9 +67,12 @@ def check_same_model(ckpt: dict[str, Any], net: torch.nn.Module, model_cfg: dict
     if wrong:
         k = sorted(wrong)[0]
         shapes = (tuple(theirs[k].shape) if k in theirs else "absent", tuple(own[k].shape) if k in own else "absent")
+        stem = ""  # a ResNet trained before cifar_stem=auto became the default, or with the other stem
+        if k == "conv1.weight" and "absent" not in shapes and shapes[0][-1] != shapes[1][-1]:
+            stem = f" (model.cifar_stem={str(shapes[0][-1] == 3).lower()} builds the checkpoint's stem)"
         raise ConfigError(f"{key} does not fit this run's {model_cfg.get('arch')}: {len(wrong)} tensors differ "
                           f"(e.g. {k}: {shapes[0]} in the checkpoint, {shapes[1]} here); use the model settings "
-                          "the checkpoint was trained with")
+                          f"the checkpoint was trained with{stem}")
 
 
 def check_same_data(ckpt: dict[str, Any], data_cfg: dict[str, Any], key: str) -> None:
