@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import ROOT, TINY
+from test_tables import make_tables
 
 from featurelens.results import read_results
 
@@ -25,12 +28,14 @@ def _sweep(tmp_path: Path, *args: str, cli: list[str] = TINY_CLI) -> subprocess.
                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
 
 
-def _make_tables(tmp_path: Path) -> subprocess.CompletedProcess:
-    """``scripts/make_tables.py <tmp_path>/sweep --out <tmp_path>/tables --keep-untrained`` (the tiny jobs here
-    train 2 epochs on 128 images: most stay at chance, and the tables' plumbing is what is tested)."""
-    return subprocess.run([sys.executable, str(ROOT / "scripts/make_tables.py"), str(tmp_path / "sweep"),
-                           "--out", str(tmp_path / "tables"), "--keep-untrained"], capture_output=True, text=True,
-                          timeout=300)
+def _make_tables(tmp_path: Path) -> tuple[int, str]:
+    """``scripts/make_tables.py <tmp_path>/sweep --out <tmp_path>/tables --keep-untrained`` in this process (its
+    command line runs in tests/test_slurm.py), as (exit status, stderr): the tiny jobs here train 2 epochs on
+    128 images, most stay at chance, and the tables' plumbing is what is tested."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = make_tables.main([str(tmp_path / "sweep"), "--out", str(tmp_path / "tables"), "--keep-untrained"])
+    return code, err.getvalue()
 
 
 def test_2x2_sweep_runs_every_job_and_builds_the_table(tmp_path):
@@ -43,8 +48,8 @@ def test_2x2_sweep_runs_every_job_and_builds_the_table(tmp_path):
         assert (job / "metrics.json").is_file() and (job / "analysis/chirality/results.jsonl").is_file()
 
     out = tmp_path / "tables"
-    table = _make_tables(tmp_path)
-    assert table.returncode == 0, table.stderr
+    code, err = _make_tables(tmp_path)
+    assert code == 0, err
     csv = pd.read_csv(out / "chirality_init.csv")
     assert sorted(csv.init) == ["kaiming_normal", "xavier_normal"]
     assert (csv.n_seeds == 2).all() and (csv.epochs == 2).all()
@@ -62,9 +67,9 @@ def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
     assert (good / "metrics.json").is_file()
     assert "optimizer.lr=-1" in (bad / "FAILED").read_text()
     assert (diverged / "FAILED").read_text().startswith(("DivergedError", "NonFiniteLossError"))
-    table = _make_tables(tmp_path)
-    assert table.returncode == 0 and "skipping failed" in table.stderr
-    assert "skipping diverged (" in table.stderr and str(diverged) in table.stderr
+    code, err = _make_tables(tmp_path)
+    assert code == 0 and "skipping failed" in err
+    assert "skipping diverged (" in err and str(diverged) in err
     assert pd.read_csv(tmp_path / "tables" / "chirality_init.csv").n_seeds.sum() == 1  # only the good job
 
 
@@ -149,8 +154,8 @@ def test_a_ddp_spawn_sweep_runs_each_job_across_two_processes(tmp_path):
         assert (job / "metrics.json").is_file() and not (job / "FAILED").exists()
         for analysis in ("chirality", "class_filters"):
             assert [r["epoch"] for r in read_results(job / f"analysis/{analysis}/results.jsonl")] == [0, 1, 2]
-    table = _make_tables(tmp_path)
-    assert table.returncode == 0, table.stderr
+    code, err = _make_tables(tmp_path)
+    assert code == 0, err
     assert sorted(pd.read_csv(tmp_path / "tables" / "chirality_init.csv").init) == ["kaiming_normal", "xavier_normal"]
 
 
@@ -165,8 +170,8 @@ def test_specialization_sweep_builds_the_init_vs_trained_table(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
                          cwd=tmp_path, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    table = _make_tables(tmp_path)
-    assert table.returncode == 0, table.stderr
+    code, err = _make_tables(tmp_path)
+    assert code == 0, err
     csv = pd.read_csv(tmp_path / "tables/specialization.csv")
     partitions = ["activations", "activations_local", "weights", "weights_local"]
     assert sorted(zip(csv.state, csv.partition, strict=True)) == [(s, p) for s in ("init", "trained")
@@ -185,8 +190,8 @@ def test_dissection_experiment_sweep_builds_the_layer_and_epoch_tables(tmp_path)
                  "seed=0,1", cli=[o for o in TINY_CLI if not o.startswith("analysis.")])
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "tables"
-    table = _make_tables(tmp_path)
-    assert table.returncode == 0, table.stderr
+    code, err = _make_tables(tmp_path)
+    assert code == 0, err
     layers = pd.read_csv(out / "dissection_layers.csv")
     assert list(layers.layer) == ["features.5", "features.2"] and (layers.n_seeds == 2).all()
     primary = layers[layers.layer == "features.5"].iloc[0]
@@ -206,8 +211,8 @@ def test_linking_experiment_sweep_builds_the_table(tmp_path):
                  cli=[o for o in TINY_CLI if not o.startswith(("analysis.", "data."))])
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "tables"
-    table = _make_tables(tmp_path)
-    assert table.returncode == 0, table.stderr
+    code, err = _make_tables(tmp_path)
+    assert code == 0, err
     csv = pd.read_csv(out / "linking.csv")
     assert list(csv.model) == ["small_cnn"] and (csv.n_seeds == 2).all()
     assert csv.layer[0] == "input of last Linear" and "r2_heldout" in csv and "cf/success_rate" in csv
