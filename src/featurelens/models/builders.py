@@ -191,16 +191,16 @@ def build_model(arch: str, num_classes: int, in_channels: int = 3, *, image_size
         cifar = uses_cifar_stem(cifar_stem, arch, image_size, state)
         if cifar and not arch.startswith("resnet"):
             raise ConfigError(f"model.cifar_stem=true only applies to ResNets, not {arch}")
+        file_cifar = state is not None and has_cifar_stem(state)
+        if file_cifar and not cifar:
+            raise ConfigError(f"model.weights={weights!r} holds a ResNet with the CIFAR stem (3×3 conv1); "
+                              "use model.cifar_stem=auto or true")
         extra = {} if dropout is None else {"dropout": dropout}
         n_out = state[f"{head}.weight"].shape[0] if state is not None and f"{head}.weight" in state else num_classes
         model = getattr(torchvision.models, arch)(weights=None, num_classes=n_out, **extra)
-        file_cifar = state is not None and has_cifar_stem(state)
+        if file_cifar:
+            _cifar_stem(model)
         if state is not None:
-            if file_cifar:
-                if not cifar:
-                    raise ConfigError(f"model.weights={weights!r} holds a ResNet with the CIFAR stem (3×3 conv1); "
-                                      "use model.cifar_stem=auto or true")
-                _cifar_stem(model)
             first = state.get(f"{_first_conv_name(model)}.weight")
             if first is not None and first.ndim == 4:
                 _adapt_in_channels(model, first.shape[1])
