@@ -19,7 +19,7 @@ from conftest import ROOT, TINY
 from omegaconf import OmegaConf
 
 from featurelens.errors import DiskFullError, DivergedError, NonFiniteLossError
-from featurelens.models import init_weights
+from featurelens.models import build_model, init_weights
 from featurelens.results import read_results
 from featurelens.train import train
 
@@ -350,6 +350,25 @@ def test_one_validation_epoch_above_the_bound_is_not_divergence_two_in_a_row_are
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["featurelens"]["val_over_bound"] == 2  # survives a resume
+
+
+def test_bn_settle_steps_is_where_the_running_statistics_forget_their_start():
+    from featurelens.module import bn_settle_steps
+
+    assert bn_settle_steps(build_model("small_cnn", 10, channels=[4])) == 44  # 0.9^44 = 0.0097 < 0.01 < 0.9^43
+    assert bn_settle_steps(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.5))) == 7
+    assert bn_settle_steps(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=None))) == 0
+    assert bn_settle_steps(build_model("mlp", 10, 3, image_size=8, hidden=[16])) == 0
+
+
+def test_a_short_bn_run_is_not_stopped_by_its_unsettled_eval_mode_loss(cfg_factory):
+    """ResNet-18 on 4 steps an epoch (as ``debug=limit`` runs it): its eval-mode validation loss was 664 at epochs
+    0 and 1, 250x the bound, with running statistics still mostly their initial values, and the run stopped as
+    diverged; before ``bn_settle_steps`` (44) training steps the validation loss is not held to the bound."""
+    base = [o for o in TINY if not o.startswith(("model", "analysis"))]
+    cfg = cfg_factory("model=resnet18", "init=orthogonal", "analysis=none", "test=false", "logger=csv", base=base)
+    metrics = train(cfg)
+    assert metrics["epochs"] == 2 and metrics["val/loss"] > 20 * math.log(10)  # above the bound, not stopped
 
 
 def test_head_lr_scale_gives_the_head_its_own_learning_rate():

@@ -19,6 +19,15 @@ from featurelens.analysis.hooks import find_head
 from featurelens.errors import ConfigError, DivergedError, NonFiniteLossError
 
 
+def bn_settle_steps(net: nn.Module) -> int:
+    """Training steps after which every BatchNorm's running statistics weigh their initial values below 1%:
+    (1 - momentum)^n < 0.01, 44 steps at torch's momentum 0.1; 0 without BatchNorm or with cumulative averages
+    (``momentum=None``)."""
+    momenta = [m.momentum for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+               and m.track_running_stats and m.momentum is not None and 0 < m.momentum < 1]
+    return max((math.ceil(math.log(0.01) / math.log1p(-m)) for m in momenta), default=0)
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy classifier; ``net`` is built from ``model_cfg`` so a checkpoint rebuilds itself.
 
@@ -35,7 +44,9 @@ class Classifier(pl.LightningModule):
     epoch's validation loss alone is not enough: early in training a BN net evaluated with running statistics
     that lag the fast-moving weights can score far above the bound (ResNet-50 on shapes, epoch 0, warm-up to
     lr 0.1: val loss 4224, 65x the bound, with a training loss of 3-5) and recover (at lr 0.025: val loss 430
-    at epoch 0, 3.97 at epoch 1).
+    at epoch 0, 3.97 at epoch 1). Nor does a validation loss count before :func:`bn_settle_steps` training steps:
+    until then the running statistics are mostly their initial values (``debug=limit`` on ResNet-18, 5 steps
+    an epoch: val loss 631 at epoch 2, training loss about 2.4).
     At the start of every training epoch the global RNGs (torch, numpy, python; dropout and the like) are
     re-seeded from (``run_info.seed``, epoch), so a resumed run continues exactly as the uninterrupted one.
     """
@@ -70,14 +81,15 @@ class Classifier(pl.LightningModule):
         args = ", ".join(f"{k}={v}" for k, v in opt.items() if not k.startswith("_"))
         return f"{str(opt.get('_target_')).rsplit('.', 1)[-1]}({args})"
 
-    def _check_loss(self, loss: float, what: str, patience: int = 1) -> None:
-        """NaN/inf stop at once; a loss above the bound stops once ``patience`` checks in a row were above it."""
+    def _check_loss(self, loss: float, what: str, patience: int = 1, bounded: bool = True) -> None:
+        """NaN/inf stop at once; a loss above the bound stops once ``patience`` checks in a row were above it
+        (``bounded=False``: NaN/inf only, and the count restarts)."""
         where = f"at epoch {self.current_epoch}, step {self.global_step}"
         hint = f"optimizer {self._optimizer_settings()}; checkpoints/last.ckpt keeps the last good epoch"
         if not math.isfinite(loss):
             raise NonFiniteLossError(f"{what} loss became {loss} {where} (lr too high? {hint})")
         factor = self.hparams.divergence_factor
-        over = factor is not None and self.loss_ref is not None and loss > factor * self.loss_ref
+        over = bounded and factor is not None and self.loss_ref is not None and loss > factor * self.loss_ref
         if patience > 1:
             self.val_over_bound = self.val_over_bound + 1 if over else 0
             over = self.val_over_bound >= patience
@@ -124,7 +136,8 @@ class Classifier(pl.LightningModule):
             # the analyses that run after validation record this epoch's values, not the previous one's
             self.epoch_train_metrics = {"train/acc": float(self.train_acc.compute()),
                                         "train/loss_epoch": float(self.train_loss.compute())}
-            self._check_loss(float(self.val_loss.compute()), "validation", patience=2)
+            self._check_loss(float(self.val_loss.compute()), "validation", patience=2,
+                             bounded=self.global_step >= bn_settle_steps(self.net))
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, pred, y = self._step(batch)
